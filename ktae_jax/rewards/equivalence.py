@@ -1,0 +1,281 @@
+"""Is a model's answer equivalent to the reference? The paper's three checks, any one suffices.
+
+1. String equality after MATH normalisation (`normalize.math_normalize`).
+2. Sympy equality after PRM800K normalisation: tuples compared element-wise (same brackets,
+   same length); two plain fractions must match exactly (an unreduced `2/4` is not `1/2`);
+   an integer only equals an integer; otherwise `simplify(a - b) == 0`.
+3. math-verify's equivalence of the two parsed answers (numbers to 6 decimals, intervals,
+   sets, matrices, percentages, units, equations `x = 3` vs `3`).
+
+Each symbolic check runs under a 1 s limit where a signal timer is available (the main thread
+of a worker process); the worker pool's hard limit bounds everything else. Answers that the
+cheap screens in `guard` flag are compared by check 1 only.
+
+References come as datasets store them: a string, a number, a (nested) list of those, or a
+string holding a Python list of strings; matching any element counts.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import logging
+import math
+import numbers
+import re
+import signal
+import threading
+from collections.abc import Iterator
+
+from ktae_jax.rewards.extract import clean_text, extract_boxed
+from ktae_jax.rewards.guard import unsafe_to_evaluate
+from ktae_jax.rewards.normalize import (
+    is_frac_str,
+    is_int_str,
+    math_normalize,
+    prm_normalize,
+    split_tuple,
+)
+
+CHECK_TIMEOUT_S = 1.0  # per symbolic check, as in the paper's grader
+
+for _name in ("math_verify", "math_verify.parser", "math_verify.grader", "latex2sympy2_extended"):
+    logging.getLogger(_name).setLevel(logging.CRITICAL)
+
+
+class CheckTimeout(Exception):
+    """A symbolic check ran past `CHECK_TIMEOUT_S`."""
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """SIGALRM limit on the main thread; a no-op elsewhere (the pool bounds those calls)."""
+    if not _on_main_thread() or seconds <= 0:
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise CheckTimeout
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ---------------------------------------------------------------- references
+
+
+def _number_to_str(x: numbers.Number) -> str:
+    if isinstance(x, numbers.Integral):
+        return str(int(x))
+    f = float(x)
+    if math.isfinite(f) and f == int(f) and abs(f) < 1e16:
+        return str(int(f))
+    return repr(f)
+
+
+def reference_candidates(reference: object) -> list[str]:
+    """All accepted answers in a reference as stored by a dataset (flattened, as strings)."""
+    if reference is None:
+        return []
+    if isinstance(reference, bool):
+        raise TypeError(f"reference answer must be a string, number or list, got bool {reference}")
+    if isinstance(reference, numbers.Number):
+        return [_number_to_str(reference)]
+    if isinstance(reference, str):
+        s = reference.strip()
+        # "['a', 'b']" is a Python list of strings; "[1, 2]" stays a closed interval.
+        if s.startswith("[") and s.endswith("]") and ("'" in s or '"' in s):
+            try:
+                value = ast.literal_eval(s)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                value = None
+            if isinstance(value, list):
+                return reference_candidates(value)
+        return [s]
+    if isinstance(reference, (list, tuple)):
+        return [c for item in reference for c in reference_candidates(item)]
+    if hasattr(reference, "tolist"):  # numpy arrays and scalars
+        return reference_candidates(reference.tolist())
+    raise TypeError(
+        f"reference answer must be a string, number or list, got {type(reference).__name__}"
+    )
+
+
+# ---------------------------------------------------------------- check 2: sympy
+
+
+def _allow_eval(s: str) -> bool:
+    """PRM800K's screen: few unknowns, no nested or large exponents (else sympy may crawl)."""
+    plain = re.sub(r"\\[a-zA-Z]+", "", s).replace("{", "").replace("}", "")
+    letters = {c for c in plain.replace("sqrt", "").replace("frac", "") if c.isalpha()}
+    if len(letters) > 2:
+        return False
+    return re.search(r"\^[0-9]+\^|\^[0-9][0-9]+|\^\(", plain) is None
+
+
+def _to_sympy(s: str):
+    import sympy
+    from sympy.parsing import sympy_parser as sp
+
+    if "\\" in s:
+        from latex2sympy2_extended import latex2sympy
+
+        return latex2sympy(s)
+    transforms = sp.standard_transformations + (sp.implicit_multiplication_application,)
+    plain = s.replace("^", "**").replace("{", "(").replace("}", ")")
+    return sp.parse_expr(plain, transformations=transforms, evaluate=True)
+
+
+def _sympy_zero_difference(a: str, b: str) -> bool:
+    if not (_allow_eval(a) and _allow_eval(b)):
+        return False
+    import sympy
+
+    try:
+        with _time_limit(CHECK_TIMEOUT_S):
+            diff = sympy.simplify(_to_sympy(a) - _to_sympy(b))
+            return bool(diff == 0)
+    except (CheckTimeout, Exception):
+        return False
+
+
+def sympy_equal(answer: str, reference: str) -> bool:
+    """Check 2: PRM800K-normalised element-wise sympy equality."""
+    gt, given = prm_normalize(reference), prm_normalize(answer)
+    if gt is None or given is None:
+        return False
+    if gt == given:
+        return True
+    if not given or not gt:
+        return False
+    gt_elems, given_elems = split_tuple(gt), split_tuple(given)
+    if len(gt_elems) > 1 and (gt[0] != given[0] or gt[-1] != given[-1]):
+        return False  # (1,2) vs [1,2]: different intervals
+    if len(gt_elems) != len(given_elems):
+        return False
+    for g, a in zip(gt_elems, given_elems):
+        if is_frac_str(g) and is_frac_str(a):
+            ok = g == a  # the reference's unreduced form is the requested one
+        elif is_int_str(g) != is_int_str(a):
+            ok = False  # `3` and `3.0`: an integer answer must be written as one
+        else:
+            ok = _sympy_zero_difference(g, a)
+        if not ok:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------- check 3: math-verify
+
+
+def _math_verify_parse(s: str, timeout: int | None):
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    if "$" not in s:
+        s = f"${s}$"
+    return parse(
+        s,
+        extraction_config=(LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()),
+        fallback_mode="no_fallback",
+        extraction_mode="first_match",
+        parsing_timeout=timeout,
+    )
+
+
+NUMERIC_RTOL = 1e-5
+
+
+def _real_value(x: object) -> float | None:
+    """The value of a plain real number (no percent sign, no free symbols), else None."""
+    import sympy
+
+    if not isinstance(x, sympy.Basic) or not x.is_number or x.has(sympy.UnevaluatedExpr):
+        return None
+    try:
+        v = complex(sympy.N(x, 20))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return v.real if v.imag == 0 and math.isfinite(v.real) else None
+
+
+def math_verify_equal(answer: str, reference: str) -> bool:
+    """Check 3: math-verify's equivalence (it times itself with SIGALRM on the main thread).
+
+    math-verify rounds floats to 6 decimals, so `5.11e-19` "equals" `2.88e-19`; for two
+    plain real numbers we also require agreement to a relative `NUMERIC_RTOL`.
+    """
+    from math_verify import verify
+
+    timeout = math.ceil(CHECK_TIMEOUT_S) if _on_main_thread() else None
+    try:
+        gold = _math_verify_parse(reference, timeout)
+        pred = _math_verify_parse(answer, timeout)
+        if not gold or not pred or not verify(gold, pred, timeout_seconds=timeout):
+            return False
+        g, p = _real_value(gold[0]), _real_value(pred[0])
+        if g is not None and p is not None:
+            return abs(g - p) <= NUMERIC_RTOL * max(abs(g), abs(p))
+        return True
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------- extra normal forms
+
+_SCI_FLOAT = re.compile(r"([-+]?\d+(?:\.\d*)?)[eE]([-+]?\d+)")
+_ASSIGNMENT = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=\s*(?P<value>[^=]+)$")
+
+
+def _latex_scientific(s: str) -> str:
+    """`4.4e7` -> `4.4 \\times 10^{7}`: math-verify reads the `e` as Euler's number."""
+    m = _SCI_FLOAT.fullmatch(s.strip())
+    return f"{m.group(1)} \\times 10^{{{m.group(2)}}}" if m else s
+
+
+def _assignment_values(s: str) -> str:
+    """`a = -2, b = -2` -> `-2, -2` (each element of a comma list named by a variable)."""
+    parts = s.split(",")
+    values = [_ASSIGNMENT.match(p) for p in parts]
+    if len(parts) < 2 or not all(values):
+        return s
+    return ", ".join(m.group("value").strip() for m in values)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def answers_equivalent(answer: str, reference: str) -> bool:
+    """Whether one extracted answer matches one reference string (any of the three checks)."""
+    answer, reference = clean_text(answer).strip(), clean_text(reference).strip()
+    if "\\boxed" in reference or "\\fbox" in reference:
+        reference = extract_boxed(reference) or reference  # a stored full solution
+    if not answer or not reference:
+        return False
+    answer, reference = _latex_scientific(answer), _latex_scientific(reference)
+    if "=" not in reference:
+        answer = _assignment_values(answer)
+    norm_answer = math_normalize(answer)
+    if norm_answer is not None and norm_answer == math_normalize(reference):
+        return True
+    if unsafe_to_evaluate(answer) or unsafe_to_evaluate(reference):
+        return prm_normalize(answer) == prm_normalize(reference)
+    return sympy_equal(answer, reference) or math_verify_equal(answer, reference)
+
+
+def grade_response(response: str, reference: object) -> float:
+    """1.0 when the last boxed answer of `response` matches any reference answer, else 0.0."""
+    if not isinstance(response, str):
+        raise TypeError(f"response must be a string, got {type(response).__name__}")
+    answer = extract_boxed(clean_text(response))
+    if answer is None:
+        return 0.0
+    return float(any(answers_equivalent(answer, ref) for ref in reference_candidates(reference)))
