@@ -1,0 +1,268 @@
+"""Loading from and saving to Hugging Face checkpoint folders (config.json, safetensors, tokenizer).
+
+Hugging Face stores linear weights as [out, in]; we store [in, ...] with heads split out
+(q: [E, H, D], o: [H, D, E]). `_param_map` is the single table of names and layout changes
+used by both directions, so load and save cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ktae_jax.models.config import ModelConfig
+from ktae_jax.models.safetensors_io import read_safetensors, write_safetensors
+from ktae_jax.models.transformer import Transformer
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
+DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder we cannot load; the message names the file and tensor."""
+
+
+# One entry: (our path in the module tree, HF tensor name, layout kind, heads in that tensor).
+ParamEntry = tuple[tuple[str | int, ...], str, str, int]
+
+
+def _param_map(cfg: ModelConfig) -> list[ParamEntry]:
+    h, kv = cfg.num_heads, cfg.num_kv_heads
+    entries: list[ParamEntry] = [(("embed",), "model.embed_tokens.weight", "copy", 0)]
+    for i in range(cfg.num_layers):
+        p, a, m = f"model.layers.{i}.", ("layers", i, "attn"), ("layers", i, "mlp")
+        entries += [
+            (("layers", i, "input_norm", "weight"), p + "input_layernorm.weight", "copy", 0),
+            (("layers", i, "post_attn_norm", "weight"), p + "post_attention_layernorm.weight", "copy", 0),
+            (a + ("q",), p + "self_attn.q_proj.weight", "heads_in", h),
+            (a + ("k",), p + "self_attn.k_proj.weight", "heads_in", kv),
+            (a + ("v",), p + "self_attn.v_proj.weight", "heads_in", kv),
+            (a + ("o",), p + "self_attn.o_proj.weight", "heads_out", h),
+            (m + ("gate",), p + "mlp.gate_proj.weight", "linear", 0),
+            (m + ("up",), p + "mlp.up_proj.weight", "linear", 0),
+            (m + ("down",), p + "mlp.down_proj.weight", "linear", 0),
+        ]
+        if cfg.qkv_bias:
+            entries += [
+                (a + ("q_bias",), p + "self_attn.q_proj.bias", "heads_bias", h),
+                (a + ("k_bias",), p + "self_attn.k_proj.bias", "heads_bias", kv),
+                (a + ("v_bias",), p + "self_attn.v_proj.bias", "heads_bias", kv),
+            ]
+        if cfg.o_bias:
+            entries.append((a + ("o_bias",), p + "self_attn.o_proj.bias", "copy", 0))
+        if cfg.mlp_bias:
+            entries += [
+                (m + ("gate_bias",), p + "mlp.gate_proj.bias", "copy", 0),
+                (m + ("up_bias",), p + "mlp.up_proj.bias", "copy", 0),
+                (m + ("down_bias",), p + "mlp.down_proj.bias", "copy", 0),
+            ]
+    entries.append((("final_norm", "weight"), "model.norm.weight", "copy", 0))
+    if not cfg.tie_word_embeddings:
+        entries.append((("lm_head",), "lm_head.weight", "copy", 0))
+    return entries
+
+
+def _hf_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
+    if kind == "heads_in":  # ours [E, n, D] <- HF [n*D, E]
+        return (ours[1] * ours[2], ours[0])
+    if kind == "heads_out":  # ours [H, D, E] <- HF [E, H*D]
+        return (ours[2], ours[0] * ours[1])
+    if kind == "heads_bias":  # ours [n, D] <- HF [n*D]
+        return (ours[0] * ours[1],)
+    if kind == "linear":  # ours [in, out] <- HF [out, in]
+        return ours[::-1]
+    return ours
+
+
+def _from_hf(kind: str, x: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
+    """HF layout -> ours; numpy views where possible, so a memory-mapped tensor is not read whole."""
+    if kind in ("heads_in", "heads_out", "linear"):
+        return x.T.reshape(ours)
+    return x.reshape(ours)
+
+
+def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
+    if kind == "heads_in":
+        return x.reshape(x.shape[0], -1).T
+    if kind == "heads_out":
+        return x.reshape(-1, x.shape[-1]).T
+    if kind == "heads_bias":
+        return x.reshape(-1)
+    if kind == "linear":
+        return x.T
+    return x
+
+
+def _get(module: Any, path: tuple[str | int, ...]) -> nnx.Variable:
+    for key in path:
+        module = module[key] if isinstance(key, int) else getattr(module, key)
+    return module
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from exc
+
+
+def _open_weights(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, np.ndarray]]:
+    """HF name -> (file, memory-mapped array), from model.safetensors or a sharded index."""
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map'")
+        files = sorted(set(weight_map.values()))
+    elif single.exists():
+        weight_map, files = None, [single.name]
+    else:
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, tuple[pathlib.Path, np.ndarray]] = {}
+    for name in files:
+        file = folder / name
+        if not file.exists():
+            raise CheckpointError(f"{file}: listed in {index.name} but missing")
+        for key, array in read_safetensors(file).items():
+            if weight_map is not None and weight_map.get(key) != name:
+                continue  # the index is the authority on which file holds a tensor
+            tensors[key] = (file, array)
+    if weight_map is not None:
+        for key, name in weight_map.items():
+            if key not in tensors:
+                raise CheckpointError(f"{folder / name}: tensor {key!r} listed in {index.name} is not in the file")
+    return tensors
+
+
+def _placer(mesh: jax.sharding.Mesh | None) -> Callable[[nnx.Variable, np.ndarray, jnp.dtype], jax.Array]:
+    from ktae_jax.mesh import _variable_sharding
+
+    def place(var: nnx.Variable, host: np.ndarray, dtype: jnp.dtype) -> jax.Array:
+        if mesh is None:
+            return jnp.asarray(np.asarray(host).astype(dtype))
+        # Each device receives only its own slice of the (memory-mapped) host tensor.
+        sharding = _variable_sharding(var, mesh)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.asarray(host[idx]).astype(dtype))
+
+    return place
+
+
+def load_pretrained(
+    path: str | pathlib.Path, *, dtype=jnp.float32, compute_dtype=None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[Transformer, Any]:
+    """(model, tokenizer or None) from a Hugging Face folder; with `mesh`, weights land sharded."""
+    folder = pathlib.Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory")
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{config_file}: missing")
+    try:
+        config = ModelConfig.from_hf(_read_json(config_file))
+    except ValueError as exc:
+        raise CheckpointError(f"{config_file}: {exc}") from exc
+    tensors = _open_weights(folder)
+
+    # Abstract model first: no random weights are ever materialised.
+    model = nnx.eval_shape(lambda: Transformer(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(0)))
+    place = _placer(mesh)
+    used = set()
+    for our_path, hf_name, kind, _ in _param_map(config):
+        var = _get(model, our_path)
+        ours = tuple(var.get_value().shape)
+        if hf_name not in tensors:
+            raise CheckpointError(f"{folder}: tensor {hf_name!r} is missing from the checkpoint")
+        file, array = tensors[hf_name]
+        want = _hf_shape(kind, ours)
+        if tuple(array.shape) != want:
+            raise CheckpointError(f"{file}: tensor {hf_name!r} has shape {tuple(array.shape)}, expected {want}")
+        var.set_value(place(var, _from_hf(kind, array, ours), jnp.dtype(dtype)))
+        used.add(hf_name)
+    unexpected = [
+        n for n in tensors
+        if n not in used and not n.endswith(_IGNORED_SUFFIXES)
+        and not (n == "lm_head.weight" and config.tie_word_embeddings)
+    ]
+    if unexpected:
+        raise CheckpointError(f"{tensors[unexpected[0]][0]}: unexpected tensor(s) {unexpected[:5]}")
+    return model, load_tokenizer(folder)
+
+
+def load_tokenizer(folder: str | pathlib.Path) -> Any:
+    """transformers' AutoTokenizer from local files, or None when the folder has no tokenizer."""
+    folder = pathlib.Path(folder)
+    if not any((folder / name).exists() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    declared = None
+    if (folder / "tokenizer_config.json").exists():
+        declared = _read_json(folder / "tokenizer_config.json").get("tokenizer_class")
+    if declared in _GENERIC_TOKENIZER_CLASSES and (folder / "tokenizer.json").exists():
+        # transformers 5's AutoTokenizer swaps a generic class for the model type's own (e.g.
+        # Qwen2Tokenizer), which rebuilds the pre-tokenizer; keep tokenizer.json as written.
+        return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def eos_token_ids(folder: str | pathlib.Path, config: ModelConfig, tokenizer: Any = None) -> tuple[int, ...]:
+    """Stop ids: the config's, generation_config.json's and the tokenizer's EOS, deduplicated."""
+    ids = list(config.eos_token_ids)
+    gen = pathlib.Path(folder) / "generation_config.json"
+    if gen.exists():
+        eos = _read_json(gen).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def save_pretrained(
+    model: Transformer, tokenizer: Any, path: str | pathlib.Path, *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> pathlib.Path:
+    """Writes config.json, safetensors (sharded above `max_shard_bytes`) and the tokenizer."""
+    folder = pathlib.Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    param_dtype = None
+    for our_path, hf_name, kind, _ in _param_map(config):
+        host = np.asarray(jax.device_get(_get(model, our_path)[...]))
+        param_dtype = param_dtype or host.dtype
+        tensor = np.ascontiguousarray(_to_hf(kind, host))
+        if sizes[-1] and sizes[-1] + tensor.nbytes > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][hf_name] = tensor
+        sizes[-1] += tensor.nbytes
+    for old in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
+        old.unlink()  # stale shards from an earlier save would confuse loaders
+    if len(shards) == 1:
+        write_safetensors(folder / "model.safetensors", shards[0])
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(folder / name, shard)
+            weight_map.update(dict.fromkeys(shard, name))
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hf = config.to_hf()
+    hf["dtype"] = "bfloat16" if param_dtype == jnp.bfloat16 else str(np.dtype(param_dtype))
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return folder

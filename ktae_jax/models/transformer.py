@@ -1,0 +1,266 @@
+"""The Qwen2 / Llama decoder in Flax NNX, with a KV cache for decoding.
+
+Letters in names: B batch, T new tokens, S cache slots (keys), E hidden, H query heads,
+KV key/value heads, G = H / KV query heads per kv head, D head dim, F MLP width, V vocabulary.
+
+Left padding: `attention_mask` marks real tokens; rotary positions count real tokens only
+(`cumsum(mask) - 1`), and padded keys are never attended to. Each parameter stores its logical
+axis names as the `logical_axes` metadata, which `ktae_jax.mesh` maps onto devices. Weights are
+kept per layer (not stacked) and the cache is `[B, KV, S, D]`: both measured fastest on CPU XLA.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ktae_jax.models.config import ModelConfig
+
+Array = jax.Array
+_MASKED = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax, not NaN
+
+
+class KVCache(NamedTuple):
+    """Keys/values of earlier tokens. `index` is the next slot to write (same for all rows)."""
+
+    k: tuple[Array, ...]  # per layer [B, KV, S, D]
+    v: tuple[Array, ...]  # per layer [B, KV, S, D]
+    key_mask: Array  # [B, S] bool: the slot holds a real (non-pad) token
+    index: Array  # int32 scalar
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
+    """An empty cache of `length` slots for `batch` rows."""
+    shape = (batch, config.num_kv_heads, length, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+
+def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str | None, ...], dtype, init: str) -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=names)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float, *, param_dtype):
+        self.weight = _param(None, (size,), ("norm",), param_dtype, "ones")
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        # Normalise in float32, then scale in the input dtype, as Hugging Face does.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def _rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotary embedding, half-split convention. x [B, ..., T, D]; cos/sin [B, T, D/2] broadcastable."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+        e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_kv, self.group, self.head_dim, self.dtype = kv, h // kv, d, dtype
+        self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), param_dtype, "normal")
+        self.k = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype, "normal")
+        self.v = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype, "normal")
+        self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), param_dtype, "normal")
+        bias = lambda shape, names, on: _param(None, shape, names, param_dtype, "zeros") if on else None  # noqa: E731
+        self.q_bias = bias((h, d), ("heads", "head_dim"), cfg.qkv_bias)
+        self.k_bias = bias((kv, d), ("kv_heads", "head_dim"), cfg.qkv_bias)
+        self.v_bias = bias((kv, d), ("kv_heads", "head_dim"), cfg.qkv_bias)
+        self.o_bias = bias((e,), ("embed",), cfg.o_bias)
+
+    def __call__(
+        self, x_BxTxE: Array, cos: Array, sin: Array, allowed_BxTxS: Array,
+        cache_kv: tuple[Array, Array] | None, index: Array | None,
+    ) -> tuple[Array, tuple[Array, Array]]:
+        b, t, e = x_BxTxE.shape
+        kv, g, d, dt = self.num_kv, self.group, self.head_dim, self.dtype
+        x = x_BxTxE.astype(dt)
+        q = jnp.einsum("bte,ekgd->bkgtd", x, self.q[...].astype(dt).reshape(e, kv, g, d))
+        k = jnp.einsum("bte,ekd->bktd", x, self.k[...].astype(dt))
+        v = jnp.einsum("bte,ekd->bktd", x, self.v[...].astype(dt))
+        if self.q_bias is not None:
+            q = q + self.q_bias[...].astype(dt).reshape(kv, g, 1, d)
+            k = k + self.k_bias[...].astype(dt)[:, None, :]
+            v = v + self.v_bias[...].astype(dt)[:, None, :]
+        q = _rope(q, cos[:, None, None], sin[:, None, None])
+        k = _rope(k, cos[:, None], sin[:, None])
+        if cache_kv is not None:
+            # Write the new keys in place at `index`; attend over every slot of the cache.
+            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, 0, index, 0))
+            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, 0, index, 0))
+        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
+        scores = jnp.where(allowed_BxTxS[:, None, None], scores * (d**-0.5), _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dt))
+        y = jnp.einsum("bkgtd,kgde->bte", out, self.o[...].astype(dt).reshape(kv, g, d, e))
+        if self.o_bias is not None:
+            y = y + self.o_bias[...].astype(dt)
+        return y, (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        self.dtype = dtype
+        self.gate = _param(rngs, (e, f), ("embed", "mlp"), param_dtype, "normal")
+        self.up = _param(rngs, (e, f), ("embed", "mlp"), param_dtype, "normal")
+        self.down = _param(rngs, (f, e), ("mlp", "embed"), param_dtype, "normal")
+        on = cfg.mlp_bias
+        self.gate_bias = _param(None, (f,), ("mlp",), param_dtype, "zeros") if on else None
+        self.up_bias = _param(None, (f,), ("mlp",), param_dtype, "zeros") if on else None
+        self.down_bias = _param(None, (e,), ("embed",), param_dtype, "zeros") if on else None
+
+    def __call__(self, x: Array) -> Array:
+        dt = self.dtype
+        gate, up = x @ self.gate[...].astype(dt), x @ self.up[...].astype(dt)
+        if self.gate_bias is not None:
+            gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
+        y = (jax.nn.silu(gate) * up) @ self.down[...].astype(dt)
+        return y + self.down_bias[...].astype(dt) if self.down_bias is not None else y
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.attn = Attention(cfg, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, allowed, cache_kv, index):
+        y, kv = self.attn(self.input_norm(x), cos, sin, allowed, cache_kv, index)
+        x = x + y
+        return x + self.mlp(self.post_attn_norm(x)), kv
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `model(ids, attention_mask=mask)` -> float32 logits [B, T, V]."""
+
+    def __init__(self, config: ModelConfig, *, param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs):
+        dtype = param_dtype if dtype is None else dtype
+        self.config, self.dtype = config, dtype
+        self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype, "normal")
+        self.layers = nnx.List(
+            Block(config, param_dtype=param_dtype, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)
+        )
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = (
+            None if config.tie_word_embeddings
+            else _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype, "normal")
+        )
+
+    # ------------------------------------------------------------------ forward
+    def hidden(
+        self, input_ids_BxT: Array, attention_mask_BxT: Array | None = None, *,
+        positions_BxT: Array | None = None, cache: KVCache | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """Final-normed hidden states [B, T, E] and the updated cache (None without one)."""
+        b, t = input_ids_BxT.shape
+        mask = jnp.ones((b, t), bool) if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
+        if cache is None:
+            key_mask, first_slot, seen_BxT = mask, jnp.zeros((), jnp.int32), jnp.zeros((b, 1), jnp.int32)
+        else:
+            first_slot = cache.index
+            key_mask = jax.lax.dynamic_update_slice(cache.key_mask, mask, (0, first_slot))
+            seen_BxT = jnp.sum(cache.key_mask, axis=-1, dtype=jnp.int32)[:, None]
+        if positions_BxT is None:
+            positions_BxT = jnp.maximum(seen_BxT + jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)
+        # A query in slot first_slot + t sees real keys in slots <= its own.
+        slots_S = jnp.arange(key_mask.shape[1])
+        query_slot_T = first_slot + jnp.arange(t)
+        allowed = key_mask[:, None, :] & (slots_S[None, None, :] <= query_slot_T[None, :, None])
+
+        inv_freq = jnp.asarray(self.config.inv_freq(), jnp.float32)
+        angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+
+        x = jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(self.dtype)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x, (k, v) = layer(x, cos, sin, allowed, layer_cache, first_slot)
+            new_k.append(k)
+            new_v.append(v)
+        x = self.final_norm(x)
+        if cache is None:
+            return x, None
+        return x, KVCache(tuple(new_k), tuple(new_v), key_mask, first_slot + t)
+
+    def output_embedding(self) -> Array:
+        """The [V, E] matrix that maps hidden states to logits (the input embedding when tied)."""
+        return (self.embed if self.lm_head is None else self.lm_head)[...]
+
+    def logits(self, hidden_BxTxE: Array) -> Array:
+        w = self.output_embedding().astype(self.dtype)
+        return jnp.einsum("bte,ve->btv", hidden_BxTxE, w, preferred_element_type=jnp.float32)
+
+    def __call__(
+        self, input_ids_BxT: Array, attention_mask: Array | None = None, *,
+        positions: Array | None = None, cache: KVCache | None = None,
+    ) -> Array | tuple[Array, KVCache]:
+        """Logits [B, T, V] (float32); with a cache, `(logits, new_cache)`."""
+        h, new_cache = self.hidden(input_ids_BxT, attention_mask, positions_BxT=positions, cache=cache)
+        logits = self.logits(h)
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_random(config: ModelConfig, *, seed: int = 0, dtype=jnp.float32, compute_dtype=None) -> Transformer:
+    """A randomly initialised model (normal(0.02) weights, unit norms, zero biases); no files."""
+    return Transformer(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(params=seed))
+
+
+def _chunk_logprobs(h_BxCxE: Array, w_VxE: Array, targets_BxC: Array, temperature: float) -> tuple[Array, Array]:
+    logits = jnp.einsum("bce,ve->bcv", h_BxCxE, w_VxE, preferred_element_type=jnp.float32) / temperature
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets_BxC[..., None], axis=-1)[..., 0]
+    entropy = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+    return picked - lse, entropy
+
+
+def token_logprobs(
+    model: Transformer, tokens_BxT: Array, attention_mask_BxT: Array, *,
+    temperature: float = 1.0, chunk: int = 256,
+) -> tuple[Array, Array]:
+    """(logp_BxT, entropy_BxT): log p(tokens[t] | tokens[<t]) and the entropy of that distribution.
+
+    Position 0, padded positions and each row's first real token (no context) get 0. Logits are made `chunk` positions at a time under
+    `jax.checkpoint`, so a float32 [B, T, V] array never exists at once, forward or backward.
+    """
+    b, t = tokens_BxT.shape
+    h, _ = model.hidden(tokens_BxT, attention_mask_BxT)
+    h_prev, targets = h[:, :-1], tokens_BxT[:, 1:]
+    n = t - 1
+    chunk = max(1, min(chunk, n))
+    pad = (-n) % chunk
+    h_prev = jnp.pad(h_prev, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    num_chunks = (n + pad) // chunk
+    h_chunks = h_prev.reshape(b, num_chunks, chunk, -1).swapaxes(0, 1)
+    t_chunks = targets.reshape(b, num_chunks, chunk).swapaxes(0, 1)
+    w = model.output_embedding().astype(model.dtype)
+    fn = jax.checkpoint(lambda args: _chunk_logprobs(args[0], w, args[1], temperature))
+    logp, ent = jax.lax.map(fn, (h_chunks, t_chunks))
+    logp = logp.swapaxes(0, 1).reshape(b, -1)[:, :n]
+    ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :n]
+    real = attention_mask_BxT.astype(bool)
+    keep = real[:, 1:] & real[:, :-1]  # a real target predicted from a real token
+    zero = jnp.zeros((b, 1), jnp.float32)
+    return (
+        jnp.concatenate([zero, jnp.where(keep, logp, 0.0)], axis=1),
+        jnp.concatenate([zero, jnp.where(keep, ent, 0.0)], axis=1),
+    )
