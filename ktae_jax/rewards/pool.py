@@ -60,10 +60,10 @@ class GradeResult:
 class _Worker:
     """One worker process and the items it holds (the head of `inflight` is being graded)."""
 
-    def __init__(self) -> None:
+    def __init__(self, environ: dict[str, str]) -> None:
         p2c_r, p2c_w = os.pipe()
         c2p_r, c2p_w = os.pipe()
-        env = dict(os.environ)
+        env = dict(environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
         )
@@ -124,7 +124,9 @@ class GraderPool:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
         self.restarts = 0  # workers replaced over the pool's life
-        self._workers = [_Worker() for _ in range(num_workers)]
+        # Replacements start with the environment the pool was made with.
+        self._environ = dict(os.environ)
+        self._workers = [_Worker(self._environ) for _ in range(num_workers)]
 
     # ------------------------------------------------------------ public API
 
@@ -180,7 +182,7 @@ class GraderPool:
 
     def _replace(self, w: _Worker) -> None:
         w.kill()
-        self._workers[self._workers.index(w)] = _Worker()
+        self._workers[self._workers.index(w)] = _Worker(self._environ)
         self.restarts += 1
 
     def _run(self, items: list[tuple[int, str, list[str]]]) -> GradeResult:
