@@ -98,7 +98,7 @@ def _real_rows(shared_dir, n):
 
 
 def test_worker_killed_mid_batch_from_outside(pool, shared_dir):
-    rows = _real_rows(shared_dir, 150)  # math/aime items; no known disagreement among them
+    rows = _real_rows(shared_dir, 500)  # no known disagreement among the first 600
     future = pool.submit([r["response"] for r in rows], [r["gt"] for r in rows])
     time.sleep(0.5)
     victim = pool.worker_pids()[0]
