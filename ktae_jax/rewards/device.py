@@ -4,7 +4,7 @@ For tasks whose answers are exact strings or integers (the tiny synthetic task),
 stay inside the jitted step: no host round trip, no pool. The answer is the tokens after the
 *last* occurrence of the `\\boxed{` token sequence up to the first closing token after it
 (any of `close_ids`, since BPE vocabularies also have merged tokens like `}$`). Nested
-braces are not matched here: answers with braces need the host grader.
+braces and brace-less `\\boxed 5` are not read here: such answers need the host grader.
 
 Shapes: B rows, T response tokens, R reference tokens (padded; `ref_len_B` valid ones).
 """
