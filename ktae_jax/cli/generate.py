@@ -1,0 +1,91 @@
+"""`ktae-generate`: sample responses from a Hugging Face checkpoint folder and print them.
+
+    ktae-generate --checkpoint DIR --prompt TEXT [--greedy | --temperature T --top-p P]
+                  --max-new-tokens N -n G [--chat] [--json]
+
+The prompt is tokenised without added special tokens; `--chat` applies the checkpoint's chat
+template (with the generation prompt), whose own special tokens are kept. `--json` prints one
+object a line: {"prompt", "sample", "text", "token_ids", "length", "finished"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ktae_jax.models import eos_token_ids, load_pretrained
+from ktae_jax.sample import SamplingConfig, sample
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ktae-generate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="Hugging Face folder (config.json, safetensors, tokenizer)")
+    ap.add_argument("--prompt", required=True, action="append", help="prompt text; repeat for several prompts")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="argmax decoding")
+    mode.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, required=True)
+    ap.add_argument("-n", "--num-samples", type=int, default=1, help="responses per prompt (G)")
+    ap.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
+    ap.add_argument("--json", action="store_true", help="one JSON object per response and line")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    return ap
+
+
+def _encode(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise SystemExit("error: --chat given but the checkpoint's tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise SystemExit(f"error: the prompt {text!r} has no tokens")
+    return list(ids)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    model, tokenizer = load_pretrained(args.checkpoint, dtype=jnp.dtype(args.dtype))
+    if tokenizer is None:
+        raise SystemExit(f"error: {args.checkpoint} has no tokenizer files")
+    prompts = [_encode(tokenizer, p, args.chat) for p in args.prompt]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(map(len, prompts))
+    ids = np.full((len(prompts), width), pad, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    config = SamplingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        greedy=args.greedy, eos_ids=eos_token_ids(args.checkpoint, model.config, tokenizer), pad_id=pad,
+        num_samples=args.num_samples,
+    )
+    rollout = jax.device_get(sample(model, ids, mask, jax.random.key(args.seed), config))
+    for row in range(rollout.tokens.shape[0]):
+        n = int(rollout.lengths[row])
+        token_ids = [int(t) for t in rollout.tokens[row, :n]]
+        text = tokenizer.decode(token_ids, skip_special_tokens=True)
+        finished = bool(n and token_ids[-1] in config.eos_ids)
+        prompt_index, sample_index = divmod(row, args.num_samples)
+        if args.json:
+            print(json.dumps({"prompt": prompt_index, "sample": sample_index, "text": text, "token_ids": token_ids,
+                              "length": n, "finished": finished}))
+        else:
+            print(f"=== prompt {prompt_index} sample {sample_index} ({n} tokens{', stopped' if finished else ''})")
+            print(text)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
