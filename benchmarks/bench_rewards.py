@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_rewards.py --quick    # first 200 responses
     .venv/bin/python benchmarks/bench_rewards.py --big      # also a 16,384-response batch
 
-Baselines run in this process, one response after another, as a trainer without a pool would:
+Baselines run in a fresh process each, one response after another, as a trainer without a pool would:
 (a) plain math-verify (`verify(parse(gt), parse(response))`), (b) our checks, unpooled.
 Pool figures exclude worker start-up (paid once per training run), which is printed apart.
 Also prints agreement with the paper's grader and the confusion matrix.
@@ -17,6 +17,7 @@ import collections
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -36,17 +37,23 @@ def plain_math_verify(response: str, reference: object) -> float:
     return float(any(verify(parse(f"${c}$"), pred) for c in reference_candidates(reference)))
 
 
-def serial(fn, rows) -> tuple[float, list[float]]:
-    from math_verify import parser
-    from sympy.core.cache import clear_cache
+def serial(name: str, n: int) -> tuple[float, list[float]]:
+    """Run a serial baseline in a fresh interpreter: cold caches, like a new worker."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--_serial", name, "--_n", str(n)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    payload = json.loads(out.stdout.strip().splitlines()[-1])
+    return payload["seconds"], payload["scores"]
 
-    # Both baselines parse the same references: start each from cold caches, like a worker.
-    parser.parse_latex_cached.cache_clear()
-    parser.parse_expr_cached.cache_clear()
-    clear_cache()
+
+def _serial_child(name: str, n: int) -> None:
+    rows = [json.loads(line) for line in DATA.open()][:n]
+    fn = {"ours": grade_response, "math-verify": plain_math_verify}[name]
+    fn(r"\boxed{1}", "1")  # imports
     t0 = time.perf_counter()
     scores = [fn(r["response"], r["gt"]) for r in rows]
-    return time.perf_counter() - t0, scores
+    print(json.dumps({"seconds": time.perf_counter() - t0, "scores": scores}))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -73,7 +80,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="first 200 responses only")
     ap.add_argument("--big", action="store_true", help="also grade 16,384 responses (2 workers)")
     ap.add_argument("--timeout-s", type=float, default=5.0)
+    ap.add_argument("--_serial", help=argparse.SUPPRESS)
+    ap.add_argument("--_n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._serial:
+        return _serial_child(args._serial, args._n)
     if not DATA.is_file():
         raise FileNotFoundError(f"expected the graded responses at {DATA}")
     rows = [json.loads(line) for line in DATA.open()]
@@ -87,9 +98,9 @@ def main() -> None:
     def line(name: str, seconds: float) -> None:
         print(f"{name:<44}{seconds:>9.2f}{n / seconds:>13.1f}", flush=True)
 
-    t_mv, _ = serial(plain_math_verify, rows)
+    t_mv, _ = serial("math-verify", n)
     line("baseline: plain math-verify, serial", t_mv)
-    t_ours, serial_scores = serial(grade_response, rows)
+    t_ours, serial_scores = serial("ours", n)
     line("baseline: our checks, serial in-process", t_ours)
     results = {}
     for workers in (1, 2):
