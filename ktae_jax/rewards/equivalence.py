@@ -7,8 +7,8 @@
 3. math-verify's equivalence of the two parsed answers (numbers to 6 decimals, intervals,
    sets, matrices, percentages, units, equations `x = 3` vs `3`).
 
-Each symbolic check runs under a 1 s limit where a signal timer is available (the main thread
-of a worker process); the worker pool's hard limit bounds everything else. Answers that the
+Each symbolic check runs under a 1 s CPU-time limit where a signal timer is available (the
+main thread of a worker process); the worker pool's hard wall-clock limit bounds the rest. Answers that the
 cheap screens in `guard` flag are compared by check 1 only.
 
 References come as datasets store them: a string, a number, a (nested) list of those, or a
@@ -43,8 +43,9 @@ for _name in ("math_verify", "math_verify.parser", "math_verify.grader", "latex2
     logging.getLogger(_name).setLevel(logging.CRITICAL)
 
 
-class CheckTimeout(Exception):
-    """A symbolic check ran past `CHECK_TIMEOUT_S`."""
+class CheckTimeout(BaseException):
+    """A symbolic check ran past `CHECK_TIMEOUT_S` (a BaseException: libraries that catch
+    Exception and carry on must not swallow it)."""
 
 
 def _on_main_thread() -> bool:
@@ -53,7 +54,11 @@ def _on_main_thread() -> bool:
 
 @contextlib.contextmanager
 def _time_limit(seconds: float) -> Iterator[None]:
-    """SIGALRM limit on the main thread; a no-op elsewhere (the pool bounds those calls)."""
+    """Limit on the process's CPU time (SIGPROF), on the main thread; elsewhere a no-op.
+
+    CPU time, not wall time, so a verdict does not depend on how busy the machine is; the
+    worker pool's wall-clock kill bounds the rest (C code that never yields to a signal).
+    """
     if not _on_main_thread() or seconds <= 0:
         yield
         return
@@ -61,13 +66,13 @@ def _time_limit(seconds: float) -> Iterator[None]:
     def _raise(signum, frame):
         raise CheckTimeout
 
-    previous = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = signal.signal(signal.SIGPROF, _raise)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
 
 
 # ---------------------------------------------------------------- references
@@ -177,7 +182,7 @@ def sympy_equal(answer: str, reference: str) -> bool:
 # ---------------------------------------------------------------- check 3: math-verify
 
 
-def _math_verify_parse(s: str, timeout: int | None):
+def _math_verify_parse(s: str):
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
     if "$" not in s:
@@ -187,7 +192,7 @@ def _math_verify_parse(s: str, timeout: int | None):
         extraction_config=(LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()),
         fallback_mode="no_fallback",
         extraction_mode="first_match",
-        parsing_timeout=timeout,
+        parsing_timeout=None,
     )
 
 
@@ -208,24 +213,24 @@ def _real_value(x: object) -> float | None:
 
 
 def math_verify_equal(answer: str, reference: str) -> bool:
-    """Check 3: math-verify's equivalence (it times itself with SIGALRM on the main thread).
+    """Check 3: math-verify's equivalence, under our CPU-time limit (its own SIGALRM is off).
 
     math-verify rounds floats to 6 decimals, so `5.11e-19` "equals" `2.88e-19`; for two
     plain real numbers we also require agreement to a relative `NUMERIC_RTOL`.
     """
     from math_verify import verify
 
-    timeout = math.ceil(CHECK_TIMEOUT_S) if _on_main_thread() else None
     try:
-        gold = _math_verify_parse(reference, timeout)
-        pred = _math_verify_parse(answer, timeout)
-        if not gold or not pred or not verify(gold, pred, timeout_seconds=timeout):
-            return False
-        g, p = _real_value(gold[0]), _real_value(pred[0])
-        if g is not None and p is not None:
-            return abs(g - p) <= NUMERIC_RTOL * max(abs(g), abs(p))
-        return True
-    except Exception:
+        with _time_limit(CHECK_TIMEOUT_S):
+            gold = _math_verify_parse(reference)
+            pred = _math_verify_parse(answer)
+            if not gold or not pred or not verify(gold, pred, timeout_seconds=None):
+                return False
+            g, p = _real_value(gold[0]), _real_value(pred[0])
+            if g is not None and p is not None:
+                return abs(g - p) <= NUMERIC_RTOL * max(abs(g), abs(p))
+            return True
+    except (CheckTimeout, Exception):
         return False
 
 
