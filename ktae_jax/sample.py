@@ -8,7 +8,7 @@ The steps of `sample_from_state`:
   2. BROADCAST the prompt's cache and last logits to its G rows (rows i*G .. i*G+G-1).
   3. DECODE in a `lax.while_loop`: pick a token from the current logits, record its
      log-probabilities, feed it back; stop when every row has emitted a stop id or R tokens.
-Token choice: temperature, then top-k, then top-p (nucleus), then a categorical draw; or argmax
+Token choice: temperature, then top-k, then top-p (nucleus), then a categorical draw (inverse CDF, one uniform per row); or argmax
 when greedy. `logp` is the log-probability under that processed distribution (0 under greedy,
 a point mass); `policy_logp` is under the raw policy (temperature 1, no filtering).
 """
@@ -85,6 +85,34 @@ def process_logits(logits_NxV: Array, config: SamplingConfig) -> Array:
     return jnp.where(x < threshold, -jnp.inf, x)
 
 
+_CDF_BLOCK = 256
+
+
+def categorical_inverse_cdf(key: Array, logits_NxV: Array) -> Array:
+    """One draw per row from softmax(logits), by inverting the CDF with a single uniform per row.
+
+    Same distribution as `jax.random.categorical`, which draws V Gumbel variates per row; with
+    V = 32000 that cost ~60 ms per decode step on this CPU against ~5 ms here. The CDF is taken
+    in two levels (block sums, then within the chosen block) so no V-long scan is needed.
+    Tokens of zero probability (filtered to -inf) are never chosen.
+    """
+    n, v = logits_NxV.shape
+    blocks = -(-v // _CDF_BLOCK)
+    x = jnp.pad(logits_NxV, ((0, 0), (0, blocks * _CDF_BLOCK - v)), constant_values=-jnp.inf)
+    probs = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)).reshape(n, blocks, _CDF_BLOCK)
+    block_mass = probs.sum(-1)
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    total = block_cdf[:, -1:]
+    u = jnp.minimum(jax.random.uniform(key, (n, 1)) * total, jnp.nextafter(total, 0.0))
+    # The first block whose CDF exceeds u (it has positive mass), then the first token inside it.
+    j = jnp.minimum(jnp.sum(block_cdf <= u, axis=-1), blocks - 1)
+    before = jnp.take_along_axis(block_cdf - block_mass, j[:, None], -1)
+    inner_cdf = jnp.cumsum(jnp.take_along_axis(probs, j[:, None, None], 1)[:, 0], axis=-1)
+    u_in = jnp.clip(u - before, 0.0, jnp.nextafter(inner_cdf[:, -1:], 0.0))
+    i = jnp.sum(inner_cdf <= u_in, axis=-1)
+    return (j * _CDF_BLOCK + i).astype(jnp.int32)
+
+
 def choose_tokens(logits_NxV: Array, key: Array, config: SamplingConfig) -> tuple[Array, Array, Array]:
     """(tokens [N], logp under the sampling distribution [N], logp under the raw policy [N])."""
     policy = jax.nn.log_softmax(logits_NxV.astype(jnp.float32), axis=-1)
@@ -92,7 +120,7 @@ def choose_tokens(logits_NxV: Array, key: Array, config: SamplingConfig) -> tupl
         tokens = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
         return tokens, jnp.zeros(tokens.shape, jnp.float32), jnp.take_along_axis(policy, tokens[:, None], -1)[:, 0]
     processed = process_logits(logits_NxV, config)
-    tokens = jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
+    tokens = categorical_inverse_cdf(key, processed)
     sampling = jax.nn.log_softmax(processed, axis=-1)
     pick = lambda lp: jnp.take_along_axis(lp, tokens[:, None], -1)[:, 0]  # noqa: E731
     return tokens, pick(sampling), pick(policy)
