@@ -7,9 +7,14 @@
 3. math-verify's equivalence of the two parsed answers (numbers to 6 decimals, intervals,
    sets, matrices, percentages, units, equations `x = 3` vs `3`).
 
+Beyond the paper: `4.4e7` is read as scientific notation (math-verify takes `e` for Euler's
+number), `a = -2, b = -2` gives its values, ordinals and arc-second marks are dropped, and two
+plain numbers must also agree to a relative 1e-5 (math-verify's 6-decimal rounding makes any
+two numbers below 5e-7 equal). tests/data/grader_disagreements.json lists what this changes.
+
 Each symbolic check runs under a 1 s CPU-time limit where a signal timer is available (the
-main thread of a worker process); the worker pool's hard wall-clock limit bounds the rest. Answers that the
-cheap screens in `guard` flag are compared by check 1 only.
+main thread of a worker process); the worker pool's hard wall-clock limit bounds the rest.
+Answers that the cheap screens in `guard` flag are compared as normalised strings only.
 
 References come as datasets store them: a string, a number, a (nested) list of those, or a
 string holding a Python list of strings; matching any element counts.
