@@ -125,7 +125,8 @@ def constrain_batch(x: jax.Array, mesh: Mesh | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.shape))
 
 
-def _variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
+def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """The NamedSharding of one variable from its `logical_axes` metadata (replicated without)."""
     value = variable.get_value()
     names = variable.get_metadata().get(LOGICAL_AXES_KEY)
     if names is None:
@@ -138,7 +139,7 @@ def _variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
 def state_shardings(state: Any, mesh: Mesh) -> Any:
     """A tree like `state` (an nnx.State, abstract or concrete) with a NamedSharding per variable."""
     return jax.tree.map(
-        lambda v: v.replace(_variable_sharding(v, mesh)) if isinstance(v, nnx.Variable) else v,
+        lambda v: v.replace(variable_sharding(v, mesh)) if isinstance(v, nnx.Variable) else v,
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )

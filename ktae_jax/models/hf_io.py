@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ktae_jax.mesh import variable_sharding
 from ktae_jax.models.config import ModelConfig
 from ktae_jax.models.safetensors_io import read_safetensors, write_safetensors
 from ktae_jax.models.transformer import Transformer
@@ -145,13 +146,11 @@ def _open_weights(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, np.ndar
 
 
 def _placer(mesh: jax.sharding.Mesh | None) -> Callable[[nnx.Variable, np.ndarray, jnp.dtype], jax.Array]:
-    from ktae_jax.mesh import _variable_sharding
-
     def place(var: nnx.Variable, host: np.ndarray, dtype: jnp.dtype) -> jax.Array:
         if mesh is None:
             return jnp.asarray(np.asarray(host).astype(dtype))
         # Each device receives only its own slice of the (memory-mapped) host tensor.
-        sharding = _variable_sharding(var, mesh)
+        sharding = variable_sharding(var, mesh)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.asarray(host[idx]).astype(dtype))
 
     return place
@@ -161,7 +160,13 @@ def load_pretrained(
     path: str | pathlib.Path, *, dtype=jnp.float32, compute_dtype=None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[Transformer, Any]:
-    """(model, tokenizer or None) from a Hugging Face folder; with `mesh`, weights land sharded."""
+    """(model, tokenizer or None) from a Hugging Face folder.
+
+    `dtype` is the parameter dtype, `compute_dtype` the activations' (default: `dtype`). The model
+    is built abstractly (`nnx.eval_shape`) and each tensor is read from its memory-mapped file
+    straight into place; with `mesh`, every device receives only its shard (by the mesh rules).
+    Missing, unexpected or mis-shaped tensors raise CheckpointError naming the tensor and file.
+    """
     folder = pathlib.Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory")
