@@ -151,12 +151,14 @@ def sample_from_state(
 
     # 1. PREFILL each distinct prompt once.
     cache = init_cache(model.config, p, tp + r, model.dtype)
-    logits_PxTxV, cache = model(prompt_ids_PxT, prompt_mask_PxT, cache=cache)
+    hidden_PxTxE, cache = model.hidden(prompt_ids_PxT, prompt_mask_PxT, cache=cache)
+    # Left padding: the last column is each prompt's last token; only its logits are needed.
+    last_logits_PxV = model.logits(hidden_PxTxE[:, -1:])[:, 0]
 
     # 2. BROADCAST to G rows per prompt, contiguous.
     rep = lambda x: constrain_batch(jnp.repeat(x, g, axis=0), mesh)  # noqa: E731
     cache = KVCache(tuple(map(rep, cache.k)), tuple(map(rep, cache.v)), rep(cache.key_mask), cache.index)
-    logits = rep(logits_PxTxV[:, -1])  # left padding: the last column is each prompt's last token
+    logits = rep(last_logits_PxV)
 
     # 3. DECODE until every row stopped or R tokens.
     def pick(loop: _Loop) -> _Loop:
