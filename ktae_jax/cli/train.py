@@ -1,0 +1,58 @@
+"""`ktae-train --config FILE [--config FILE ...] [--run-dir DIR] [--max-steps N] [--dry-run] [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ktae_jax.config import ConfigError, load_config
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ktae-train", description="Train a policy with GRPO / DAPO (+KTAE).")
+    parser.add_argument("--config", action="append", default=[], help="YAML config; several merge in order")
+    parser.add_argument("--run-dir", help="= run.run_dir (checkpoints, metrics); resumes from its latest checkpoint")
+    parser.add_argument("--max-steps", type=int, help="= run.max_steps")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config, mesh, per-device batch and memory estimate; do not train")
+    parser.add_argument("--coordinator", help="multi-host: coordinator host:port (auto-detected on TPU and SLURM)")
+    parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    parser.add_argument("--process-id", type=int, help="multi-host: this process's id")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. algo.kl_coef=0.001")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run.run_dir={args.run_dir}")
+    if args.max_steps is not None:
+        overrides.append(f"run.max_steps={args.max_steps}")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"ktae-train: config error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from ktae_jax.plan import dry_run
+
+        print(dry_run(config))
+        return 0
+    from ktae_jax import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from ktae_jax.checkpoint import CheckpointError
+    from ktae_jax.data import DataError
+    from ktae_jax.train import TrainingError, run
+
+    try:
+        run(config)
+    except (TrainingError, DataError, CheckpointError, ConfigError) as err:
+        print(f"ktae-train: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

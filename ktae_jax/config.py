@@ -1,0 +1,340 @@
+"""Typed training configuration: frozen dataclass sections, YAML files, dotted `key=value` overrides.
+
+A config is `TrainConfig` with one section per pipeline stage (`model`, `data`, `rollout`,
+`algo`, `ktae`, `reward`, `optim`, `mesh`, `run`). `load_config(files, overrides)` merges YAML
+files in order, then `section.key=value` overrides, and validates: an unknown key, a value of the
+wrong type or an impossible combination raises `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+from ktae_jax.ktae import KTAEConfig
+from ktae_jax.mesh import MeshConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    path: str = "tiny"  # Hugging Face folder (config.json, safetensors, tokenizer); "tiny" = the shipped tiny base
+    init: Literal["pretrained", "random"] = "pretrained"  # "random": the folder's architecture, random weights
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters and optimizer state
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    train_files: tuple[str, ...] = ("tiny",)  # JSONL / Parquet files; "tiny" = the generated tiny task
+    prompt_field: str = "problem"  # field holding the question
+    answer_field: str = "answer"  # field holding the reference answer
+    template: Literal["chat", "plain"] = "chat"  # chat: tokenizer's chat template with the system prompt
+    system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    max_prompt_len: int = 128  # prompt tokens (left-padded to this length)
+    overlong_prompts: Literal["filter", "truncate"] = "filter"  # drop, or keep the last max_prompt_len tokens
+    shuffle_seed: int = 0  # data order
+    num_epochs: int = -1  # passes over the data; -1 = as many as the run needs
+    tiny_train_size: int = 20000  # problems generated for train_files = ["tiny"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSection:
+    prompts_per_step: int = 8  # prompts per training step (the paper: 1,024)
+    group_size: int = 8  # G responses per prompt (the paper: 16)
+    max_new_tokens: int = 64  # response length limit (the paper: 3,072)
+    temperature: float = 1.0  # sampling temperature (also applied to the log-probs in the loss)
+    top_p: float = 1.0  # nucleus sampling (1 = off)
+    top_k: int = 0  # top-k sampling (0 = off)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoSection:
+    estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo"  # rollout-level advantage
+    clip_low: float = 0.2  # ratio clipped below at 1 - clip_low
+    clip_high: float = 0.2  # ... and above at 1 + clip_high (DAPO clip-higher: 0.28)
+    clip_ratio_c: float = 0.0  # dual-clip constant for negative advantages (> 1; 0 = off; DAPO: 10)
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
+        "token-mean"
+    )  # how token losses become the mini-batch loss
+    kl_coef: float = 0.0  # KL to the frozen initial policy; 0 = no reference pass at all
+    kl_estimator: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"  # low_var_kl = k3, clamped
+    entropy_coef: float = 0.0  # entropy bonus
+    ppo_epochs: int = 1  # passes over each step's rollouts
+    mini_batch_prompts: int = 0  # prompts per optimizer update; 0 = all of the step's prompts
+    micro_batch_rollouts: int = 0  # rollouts per gradient-accumulation slice; 0 = the whole mini-batch
+    recompute_old_logprobs: bool = True  # old log-probs from a forward pass (else the sampler's)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, sample more
+    max_num_gen_batches: int = 4  # dynamic sampling: sampling rounds per step at most
+
+
+@dataclasses.dataclass(frozen=True)
+class KTAESection:
+    enabled: bool = False  # add KTAE key-token scores to the rollout advantage
+    alpha: float = 1.0  # Fisher weight
+    beta: float = 1.0  # information-gain weight
+    gamma: float = 1.0  # term-frequency weight
+    top: float = 1.0  # key scores lie in (-top, top)
+    k1: float = 2.0  # BM25 saturation
+    b: float = 0.5  # BM25 length normalisation
+    zero_fisher_at_p1: bool = True  # F = 0 where the Fisher p-value is 1
+    ignore_special: bool = True  # pad and EOS ids score 0
+
+    def to_ktae_config(self, ignore_ids: tuple[int, ...], eps: float) -> KTAEConfig:
+        return KTAEConfig(alpha=self.alpha, beta=self.beta, gamma=self.gamma, top=self.top, k1=self.k1, b=self.b,
+                          eps=eps, zero_fisher_at_p1=self.zero_fisher_at_p1,
+                          ignore_token_ids=ignore_ids if self.ignore_special else ())
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSection:
+    kind: Literal["correctness", "dapo"] = "correctness"  # 1/0, or DAPO's +1/-1
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens (0 = off)
+    overlong_factor: float = 1.0  # penalty at the length limit
+    format_weight: float = 0.0  # bonus for a \boxed{} answer
+    custom_fn: str = ""  # "pkg.module:function" replacing the base reward
+    timeout_s: float = 5.0  # hard per-answer grading limit
+    num_workers: int = 0  # grading processes; 0 = one per CPU core
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    lr: float = 1e-6  # peak learning rate (AdamW)
+    warmup_steps: int = 0  # linear warmup
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    b1: float = 0.9  # Adam beta1
+    b2: float = 0.999  # Adam beta2
+    grad_clip: float = 1.0  # global-norm clipping (0 = off)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    run_dir: str = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard, the exported model
+    max_steps: int = 100  # training steps
+    seed: int = 0  # sampling RNG
+    checkpoint_every: int = 10  # steps between checkpoints (also at the end and on SIGTERM)
+    keep_checkpoints: int = 3  # checkpoints kept
+    export_hf: bool = True  # write the final policy in Hugging Face format to run_dir/hf
+    tensorboard: bool = True  # TensorBoard event files in run_dir/tb
+    wandb: bool = False  # also log to Weights & Biases (when installed)
+    progress: bool = True  # a live progress bar on the console
+    ktae_top_tokens: int = 5  # strongest positive / negative key tokens logged per step
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection, "data": DataSection, "rollout": RolloutSection, "algo": AlgoSection,
+    "ktae": KTAESection, "reward": RewardSection, "optim": OptimSection, "mesh": MeshConfig, "run": RunSection,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    rollout: RolloutSection = RolloutSection()
+    algo: AlgoSection = AlgoSection()
+    ktae: KTAESection = KTAESection()
+    reward: RewardSection = RewardSection()
+    optim: OptimSection = OptimSection()
+    mesh: MeshConfig = MeshConfig()
+    run: RunSection = RunSection()
+
+    @property
+    def mini_batch_prompts(self) -> int:
+        return self.algo.mini_batch_prompts or self.rollout.prompts_per_step
+
+    @property
+    def micro_batch_rollouts(self) -> int:
+        return self.algo.micro_batch_rollouts or self.mini_batch_prompts * self.rollout.group_size
+
+    def validate(self, num_batch_devices: int | None = None) -> "TrainConfig":
+        """Check the combinations a single field cannot; raises ConfigError naming the key."""
+        r, a = self.rollout, self.algo
+        positive = {"rollout.prompts_per_step": r.prompts_per_step, "rollout.group_size": r.group_size,
+                    "rollout.max_new_tokens": r.max_new_tokens, "data.max_prompt_len": self.data.max_prompt_len,
+                    "algo.ppo_epochs": a.ppo_epochs, "algo.max_num_gen_batches": a.max_num_gen_batches,
+                    "run.max_steps": self.run.max_steps,
+                    "run.checkpoint_every": self.run.checkpoint_every, "run.keep_checkpoints": self.run.keep_checkpoints}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if r.temperature <= 0:
+            raise ConfigError(f"rollout.temperature must be > 0, got {r.temperature}")
+        if not 0 < r.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
+        if a.clip_low < 0 or a.clip_high < 0 or a.clip_low >= 1:
+            raise ConfigError(f"algo.clip_low must be in [0, 1) and algo.clip_high >= 0, got {a.clip_low}, {a.clip_high}")
+        if a.clip_ratio_c != 0 and a.clip_ratio_c <= 1:
+            raise ConfigError(f"algo.clip_ratio_c must be > 1 (or 0 = off), got {a.clip_ratio_c}")
+        if a.kl_coef < 0:
+            raise ConfigError(f"algo.kl_coef must be >= 0, got {a.kl_coef}")
+        if r.prompts_per_step % self.mini_batch_prompts:
+            raise ConfigError(f"algo.mini_batch_prompts={a.mini_batch_prompts} must divide "
+                              f"rollout.prompts_per_step={r.prompts_per_step}")
+        rows = self.mini_batch_prompts * r.group_size
+        if rows % self.micro_batch_rollouts:
+            raise ConfigError(f"algo.micro_batch_rollouts={a.micro_batch_rollouts} must divide the mini-batch's "
+                              f"{rows} rollouts")
+        if self.reward.overlong_buffer > r.max_new_tokens:
+            raise ConfigError(f"reward.overlong_buffer={self.reward.overlong_buffer} exceeds "
+                              f"rollout.max_new_tokens={r.max_new_tokens}")
+        try:
+            self.ktae.to_ktae_config((), 1e-6)
+        except ValueError as err:
+            raise ConfigError(f"ktae: {err}") from None
+        if num_batch_devices is not None:
+            # KTAE groups are never split: every device holds whole groups, for the step and each slice.
+            for key, prompts in [("rollout.prompts_per_step", r.prompts_per_step),
+                                 ("algo.mini_batch_prompts", self.mini_batch_prompts)]:
+                if prompts % num_batch_devices:
+                    raise ConfigError(f"{key}={prompts} prompts cannot be split over {num_batch_devices} batch devices "
+                                      f"(mesh data x fsdp) in whole groups of {r.group_size}")
+            if self.micro_batch_rollouts % (num_batch_devices * r.group_size) and a.micro_batch_rollouts:
+                raise ConfigError(f"algo.micro_batch_rollouts={self.micro_batch_rollouts} must be a multiple of "
+                                  f"batch devices x group size = {num_batch_devices * r.group_size}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML files, then overrides, with types checked against the dataclass fields.
+# ---------------------------------------------------------------------------------------------
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """`value` as the field's type, or ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(annotation))}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not have the type {annotation}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type, *_rest) = typing.get_args(annotation)
+        return tuple(_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
+    if annotation is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {annotation}")
+
+
+def _build_section(name: str, values: dict[str, Any]) -> Any:
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown config key {name}.{key} (known: {', '.join(sorted(known))})")
+    kwargs = {key: _coerce(f"{name}.{key}", value, hints[key]) for key, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{name}: {err}") from None
+
+
+def _merge(tree: dict[str, dict[str, Any]], values: Any, source: str) -> None:
+    if values is None:
+        return
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    for section, body in values.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown config section {section!r} (known: {', '.join(SECTIONS)})")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        tree.setdefault(section, {}).update(body)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ConfigError(f"override {text!r}: the key must be section.key with a section in {list(SECTIONS)}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: cannot parse the value: {err}") from None
+    return parts[0], parts[1], value
+
+
+def load_config(files: typing.Sequence[str | pathlib.Path] = (), overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """Merge YAML `files` in order, then `section.key=value` overrides; validate."""
+    tree: dict[str, dict[str, Any]] = {}
+    for path in files:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        _merge(tree, values, str(path))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        tree.setdefault(section, {})[key] = value
+    sections = {name: _build_section(name, tree.get(name, {})) for name in SECTIONS}
+    return TrainConfig(**sections).validate()
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """The inverse of `TrainConfig.to_dict` (used when a checkpoint's config is read back)."""
+    tree: dict[str, dict[str, Any]] = {}
+    _merge(tree, values, "config")
+    return TrainConfig(**{name: _build_section(name, tree.get(name, {})) for name in SECTIONS}).validate()

@@ -1,0 +1,168 @@
+"""Training prompts: JSONL / Parquet rows -> templated, tokenised, left-padded prompt batches (grain).
+
+1. READ every row of every file; a malformed row is an error naming the file and line.
+2. TEMPLATE each problem: the tokenizer's chat template with the system prompt (the Qwen2.5-Math
+   protocol), or the plain problem text.
+3. TOKENISE without added special tokens; prompts longer than `max_prompt_len` are filtered or
+   left-truncated (keeping the end, where the question is asked), and counted.
+4. ORDER with grain: a seeded shuffle, a new permutation per epoch, fixed-size batches. The
+   iterator's position is a small dict saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from ktae_jax.config import DataSection
+
+# Used when a tokenizer has no chat template of its own (Qwen2.5's chat format).
+QWEN_CHAT_FALLBACK = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+class DataError(ValueError):
+    """A malformed data file or row; the message names the file and line."""
+
+
+def read_rows(path: str | pathlib.Path, prompt_field: str, answer_field: str) -> list[dict[str, Any]]:
+    """Rows of a JSONL or Parquet file as {"problem": str, "answer": reference, "source": "file:line"}."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        raw = [(f"{path}:row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+    elif path.suffix in (".jsonl", ".json"):
+        raw = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                raw.append((f"{path}:{number}", row))
+    else:
+        raise DataError(f"{path}: unsupported data file type {path.suffix!r} (use .jsonl or .parquet)")
+    rows = []
+    for where, row in raw:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
+        for field in (prompt_field, answer_field):
+            if field not in row or row[field] is None:
+                raise DataError(f"{where}: missing field {field!r} (has: {', '.join(map(str, row))})")
+        if not isinstance(row[prompt_field], str) or not row[prompt_field].strip():
+            raise DataError(f"{where}: field {prompt_field!r} must be a non-empty string")
+        rows.append({"problem": row[prompt_field], "answer": row[answer_field], "source": where})
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def format_prompt(problem: str, tokenizer: Any, cfg: DataSection) -> str:
+    """The prompt text for one problem (step 2)."""
+    if cfg.template == "plain":
+        return problem
+    messages = [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": problem}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return QWEN_CHAT_FALLBACK.format(system=cfg.system_prompt, user=problem)
+
+
+@dataclasses.dataclass
+class PromptStats:
+    rows: int = 0  # rows read
+    filtered: int = 0  # dropped as too long
+    truncated: int = 0  # left-truncated to max_prompt_len
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    ids: np.ndarray  # [P, Tp] int32, left-padded
+    mask: np.ndarray  # [P, Tp] int32
+    answers: list[Any]  # references, as the dataset stores them
+    problems: list[str]
+
+
+def tokenize_prompts(rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: DataSection) -> tuple[list[dict], PromptStats]:
+    """Steps 2 and 3 for every row: adds "ids" (a list of ints) and drops or truncates long prompts."""
+    stats = PromptStats(rows=len(rows))
+    texts = [format_prompt(row["problem"], tokenizer, cfg) for row in rows]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    kept = []
+    for row, ids in zip(rows, encoded):
+        if len(ids) > cfg.max_prompt_len:
+            if cfg.overlong_prompts == "filter":
+                stats.filtered += 1
+                continue
+            stats.truncated += 1
+            ids = ids[-cfg.max_prompt_len:]
+        kept.append({**row, "ids": list(ids)})
+    if not kept:
+        raise DataError(f"every one of the {len(rows)} prompts is longer than data.max_prompt_len={cfg.max_prompt_len}")
+    return kept, stats
+
+
+def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(sequences), length), pad_id, np.int32)
+    mask = np.zeros((len(sequences), length), np.int32)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, length - len(seq):] = seq
+            mask[i, length - len(seq):] = 1
+    return ids, mask
+
+
+class PromptData:
+    """An endless (or `num_epochs`-long) stream of prompt batches with a checkpointable position."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: DataSection, batch_prompts: int):
+        self.cfg = cfg
+        self.examples, self.stats = tokenize_prompts(rows, tokenizer, cfg)
+        if len(self.examples) < batch_prompts:
+            raise DataError(f"only {len(self.examples)} usable prompts, fewer than one batch of {batch_prompts}")
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        epochs = None if cfg.num_epochs < 0 else cfg.num_epochs
+        dataset = grain.MapDataset.source(self.examples).shuffle(seed=cfg.shuffle_seed).repeat(epochs)
+        self._dataset = dataset.batch(batch_prompts, drop_remainder=True, batch_fn=list)
+        self._iterator = iter(self._dataset)
+
+    def __next__(self) -> PromptBatch:
+        try:
+            examples = next(self._iterator)
+        except StopIteration:
+            raise StopIteration(f"data exhausted after data.num_epochs={self.cfg.num_epochs}") from None
+        ids, mask = left_pad([e["ids"] for e in examples], self.cfg.max_prompt_len, self.pad_id)
+        return PromptBatch(ids, mask, [e["answer"] for e in examples], [e["problem"] for e in examples])
+
+    def __iter__(self):
+        return self
+
+    def get_state(self) -> dict[str, Any]:
+        return dict(self._iterator.get_state())
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._iterator.set_state(state)
+
+
+def load_rows(cfg: DataSection) -> list[dict[str, Any]]:
+    """Rows of every configured file; "tiny" stands for the generated tiny task's training set."""
+    rows: list[dict[str, Any]] = []
+    for name in cfg.train_files:
+        if name == "tiny":
+            from ktae_jax.tiny.task import make_problems
+
+            problems = make_problems(cfg.tiny_train_size, seed=cfg.shuffle_seed)
+            rows.extend({"problem": p["problem"], "answer": p["answer"], "source": f"tiny:{i}"}
+                        for i, p in enumerate(problems))
+        else:
+            rows.extend(read_rows(name, cfg.prompt_field, cfg.answer_field))
+    return rows

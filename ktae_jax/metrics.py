@@ -1,0 +1,73 @@
+"""Per-step metrics: `metrics.jsonl` (one object per step, with `step`), TensorBoard, optional W&B,
+and a live progress bar. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+import jax
+from tqdm.auto import tqdm
+
+# Shown in the progress bar, in this order, under these short names.
+BAR_FIELDS = {"reward/mean": "reward", "reward/accuracy": "acc", "response/length_mean": "len",
+              "loss/kl": "kl", "time/step_s": "s/step"}
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: pathlib.Path, *, total_steps: int, start_step: int, tensorboard: bool,
+                 wandb: bool, progress: bool, config: dict[str, Any]):
+        self.enabled = jax.process_index() == 0
+        self.path = run_dir / "metrics.jsonl"
+        self._tb = self._wandb = self._bar = None
+        if not self.enabled:
+            return
+        self._truncate_after(start_step)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+        if wandb:
+            try:
+                import wandb as wandb_lib
+            except ImportError:
+                print("run.wandb is true but wandb is not installed: logging to JSONL and TensorBoard only")
+            else:
+                self._wandb = wandb_lib.init(project="ktae-jax", dir=str(run_dir), config=config, resume="allow")
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run rewrites the steps after its checkpoint: drop their old lines."""
+        if not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **metrics}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self._tb is not None:
+            for key, value in numeric.items():
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+        if self._bar is not None:
+            self._bar.set_postfix({short: f"{numeric[k]:.3g}" for k, short in BAR_FIELDS.items() if k in numeric})
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
