@@ -54,6 +54,7 @@ class RolloutSection:
     temperature: float = 1.0  # sampling temperature (also applied to the log-probs in the loss)
     top_p: float = 1.0  # nucleus sampling (1 = off)
     top_k: int = 0  # top-k sampling (0 = off)
+    sample_prompts_per_device: int = 0  # prompts per device per sampler call (bounds the KV cache); 0 = all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +71,7 @@ class AlgoSection:
     entropy_coef: float = 0.0  # entropy bonus
     ppo_epochs: int = 1  # passes over each step's rollouts
     mini_batch_prompts: int = 0  # prompts per optimizer update; 0 = all of the step's prompts
-    micro_batch_rollouts: int = 0  # rollouts per gradient-accumulation slice; 0 = the whole mini-batch
+    micro_batch_per_device: int = 0  # rollouts per device per gradient-accumulation slice; 0 = whole mini-batch
     recompute_old_logprobs: bool = True  # old log-probs from a forward pass (else the sampler's)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, sample more
     max_num_gen_batches: int = 4  # dynamic sampling: sampling rounds per step at most
@@ -151,21 +152,35 @@ class TrainConfig:
     def mini_batch_prompts(self) -> int:
         return self.algo.mini_batch_prompts or self.rollout.prompts_per_step
 
-    @property
-    def micro_batch_rollouts(self) -> int:
-        return self.algo.micro_batch_rollouts or self.mini_batch_prompts * self.rollout.group_size
+    def micro_batch_rollouts(self, batch_devices: int) -> int:
+        """Rollouts per gradient-accumulation slice, over all batch devices."""
+        return self.algo.micro_batch_per_device * batch_devices or self.mini_batch_prompts * self.rollout.group_size
+
+    def sample_chunk_prompts(self, batch_devices: int) -> int:
+        """Prompts per sampler call, over all batch devices."""
+        return self.rollout.sample_prompts_per_device * batch_devices or self.rollout.prompts_per_step
 
     def validate(self, num_batch_devices: int | None = None) -> "TrainConfig":
-        """Check the combinations a single field cannot; raises ConfigError naming the key."""
+        """Check the combinations a single field cannot; raises ConfigError naming the key.
+
+        With `num_batch_devices` (mesh data x fsdp), also the divisibility the mesh needs.
+        """
         r, a = self.rollout, self.algo
         positive = {"rollout.prompts_per_step": r.prompts_per_step, "rollout.group_size": r.group_size,
                     "rollout.max_new_tokens": r.max_new_tokens, "data.max_prompt_len": self.data.max_prompt_len,
                     "algo.ppo_epochs": a.ppo_epochs, "algo.max_num_gen_batches": a.max_num_gen_batches,
                     "run.max_steps": self.run.max_steps,
                     "run.checkpoint_every": self.run.checkpoint_every, "run.keep_checkpoints": self.run.keep_checkpoints}
+        non_negative = {"algo.mini_batch_prompts": a.mini_batch_prompts,
+                        "algo.micro_batch_per_device": a.micro_batch_per_device,
+                        "rollout.sample_prompts_per_device": r.sample_prompts_per_device, "rollout.top_k": r.top_k,
+                        "reward.overlong_buffer": self.reward.overlong_buffer, "optim.warmup_steps": self.optim.warmup_steps}
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}")
         if r.temperature <= 0:
             raise ConfigError(f"rollout.temperature must be > 0, got {r.temperature}")
         if not 0 < r.top_p <= 1:
@@ -179,10 +194,6 @@ class TrainConfig:
         if r.prompts_per_step % self.mini_batch_prompts:
             raise ConfigError(f"algo.mini_batch_prompts={a.mini_batch_prompts} must divide "
                               f"rollout.prompts_per_step={r.prompts_per_step}")
-        rows = self.mini_batch_prompts * r.group_size
-        if rows % self.micro_batch_rollouts:
-            raise ConfigError(f"algo.micro_batch_rollouts={a.micro_batch_rollouts} must divide the mini-batch's "
-                              f"{rows} rollouts")
         if self.reward.overlong_buffer > r.max_new_tokens:
             raise ConfigError(f"reward.overlong_buffer={self.reward.overlong_buffer} exceeds "
                               f"rollout.max_new_tokens={r.max_new_tokens}")
@@ -190,16 +201,21 @@ class TrainConfig:
             self.ktae.to_ktae_config((), 1e-6)
         except ValueError as err:
             raise ConfigError(f"ktae: {err}") from None
-        if num_batch_devices is not None:
-            # KTAE groups are never split: every device holds whole groups, for the step and each slice.
-            for key, prompts in [("rollout.prompts_per_step", r.prompts_per_step),
-                                 ("algo.mini_batch_prompts", self.mini_batch_prompts)]:
-                if prompts % num_batch_devices:
-                    raise ConfigError(f"{key}={prompts} prompts cannot be split over {num_batch_devices} batch devices "
-                                      f"(mesh data x fsdp) in whole groups of {r.group_size}")
-            if self.micro_batch_rollouts % (num_batch_devices * r.group_size) and a.micro_batch_rollouts:
-                raise ConfigError(f"algo.micro_batch_rollouts={self.micro_batch_rollouts} must be a multiple of "
-                                  f"batch devices x group size = {num_batch_devices * r.group_size}")
+        devices = num_batch_devices or 1
+        # KTAE groups are never split: each device holds whole groups of the step.
+        if r.prompts_per_step % devices:
+            raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} prompts cannot be split over {devices} "
+                              f"batch devices (mesh data x fsdp) in whole groups of {r.group_size}")
+        if self.mini_batch_prompts * r.group_size % devices:
+            raise ConfigError(f"algo.mini_batch_prompts={self.mini_batch_prompts}: its {self.mini_batch_prompts * r.group_size} "
+                              f"rollouts cannot be split over {devices} batch devices")
+        mini_rows = self.mini_batch_prompts * r.group_size
+        if mini_rows % self.micro_batch_rollouts(devices):
+            raise ConfigError(f"algo.micro_batch_per_device={a.micro_batch_per_device}: {devices} devices x "
+                              f"{a.micro_batch_per_device} does not divide the mini-batch's {mini_rows} rollouts")
+        if r.prompts_per_step % self.sample_chunk_prompts(devices):
+            raise ConfigError(f"rollout.sample_prompts_per_device={r.sample_prompts_per_device}: {devices} devices x "
+                              f"{r.sample_prompts_per_device} does not divide rollout.prompts_per_step={r.prompts_per_step}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

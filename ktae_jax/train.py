@@ -102,11 +102,11 @@ class Rollouts:
 class Trainer:
     """Holds what lives across steps (compiled functions, pool, data); `run` drives it."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, devices=None):
         self.cfg = cfg
-        self.mesh = mesh_lib.make_mesh(cfg.mesh)
-        batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        cfg.validate(num_batch_devices=batch_devices)
+        self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+        self.batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        cfg.validate(num_batch_devices=self.batch_devices)
         self.run_dir = pathlib.Path(cfg.run.run_dir)
         self.is_main = jax.process_index() == 0
         if self.is_main:
@@ -150,7 +150,7 @@ class Trainer:
         rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
         mini_rows = cfg.mini_batch_prompts * cfg.rollout.group_size
         settings = UpdateSettings(algo=cfg.algo, num_minibatches=rows // mini_rows,
-                                  num_microbatches=mini_rows // cfg.micro_batch_rollouts,
+                                  num_microbatches=mini_rows // cfg.micro_batch_rollouts(self.batch_devices),
                                   temperature=cfg.rollout.temperature)
         state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
         self.batch_sharding = lambda x: mesh_lib.batch_sharding(mesh, x.shape)  # noqa: E731
@@ -171,9 +171,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _sample(self, prompts: PromptBatch, key) -> tuple[np.ndarray, ...]:
-        ids, mask = self._put(prompts.ids, prompts.mask)
-        rollout = sample_jit(self.graphdef, self.state.params, ids, mask, key, config=self.sampling, mesh=self.mesh)
-        return jax.device_get((rollout.tokens, rollout.mask, rollout.policy_logp, rollout.lengths))  # host sync
+        """(tokens, mask, policy log-probs, lengths) of G responses per prompt, in sampler calls of
+        `rollout.sample_prompts_per_device` prompts per device (bounding the KV cache)."""
+        chunk = self.cfg.sample_chunk_prompts(self.batch_devices)
+        parts = []
+        for i, start in enumerate(range(0, len(prompts.ids), chunk)):
+            ids, mask = self._put(prompts.ids[start:start + chunk], prompts.mask[start:start + chunk])
+            rollout = sample_jit(self.graphdef, self.state.params, ids, mask, jax.random.fold_in(key, i),
+                                 config=self.sampling, mesh=self.mesh)
+            parts.append(jax.device_get((rollout.tokens, rollout.mask, rollout.policy_logp, rollout.lengths)))  # host sync
+        return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
     def _grade_async(self, prompts: PromptBatch, resp_NxR: np.ndarray, lengths_N: np.ndarray):
         texts = self.tokenizer.batch_decode([row[:n] for row, n in zip(resp_NxR.tolist(), lengths_N.tolist())],
@@ -338,9 +345,9 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def run(cfg: TrainConfig, *, max_steps: int | None = None) -> dict[str, Any]:
+def run(cfg: TrainConfig, *, max_steps: int | None = None, devices=None) -> dict[str, Any]:
     """Train until `run.max_steps` (or `max_steps`, if given: stop early, e.g. to test resume)."""
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, devices)
     start = trainer.restore_latest()
     stop_at = min(cfg.run.max_steps, max_steps) if max_steps is not None else cfg.run.max_steps
     if trainer.is_main:

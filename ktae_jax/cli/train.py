@@ -15,6 +15,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, help="= run.max_steps")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config, mesh, per-device batch and memory estimate; do not train")
+    parser.add_argument("--devices", type=int, help="dry run: plan for this many devices (default: the mesh's "
+                        "product, or this machine's devices when an axis is -1)")
     parser.add_argument("--coordinator", help="multi-host: coordinator host:port (auto-detected on TPU and SLURM)")
     parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     parser.add_argument("--process-id", type=int, help="multi-host: this process's id")
@@ -37,7 +39,11 @@ def main(argv=None) -> int:
     if args.dry_run:
         from ktae_jax.plan import dry_run
 
-        print(dry_run(config))
+        try:
+            print(dry_run(config, args.devices))
+        except (ConfigError, ValueError, FileNotFoundError) as err:
+            print(f"ktae-train: {err}", file=sys.stderr)
+            return 2
         return 0
     from ktae_jax import distributed
 

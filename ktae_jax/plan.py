@@ -1,0 +1,106 @@
+"""`ktae-train --dry-run`: the resolved config, the mesh, per-device batch and a memory estimate,
+computed from config.json alone (no weights are read, no device memory is touched).
+
+The memory figures are estimates from the shapes (the real run prints XLA's own analysis of the
+compiled step): parameters and AdamW moments in the parameter dtype, one gradient buffer, the
+sampler's KV cache, and the activations one micro-batch keeps for the backward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import yaml
+
+from ktae_jax.config import TrainConfig
+from ktae_jax.models import ModelConfig
+
+# Architectures of the paper's base models, for planning before the weights are downloaded
+# (from their public config.json files).
+KNOWN_ARCHITECTURES = {
+    "qwen2.5-math-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                              num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                              rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=4096),
+    "qwen2.5-math-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                            num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                            rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=4096),
+}
+# Bytes of saved activations per token, per layer, per hidden unit, without rematerialisation
+# (attention and MLP inputs, q/k/v, softmax statistics, SwiGLU intermediates; a rough constant).
+ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN = 34
+
+
+def model_config_for(path: str) -> tuple[ModelConfig, str]:
+    """The architecture from `path/config.json`, or from the known paper models by folder name."""
+    if path == "tiny":
+        from ktae_jax.tiny import base_checkpoint_path
+
+        path = str(base_checkpoint_path())
+    config_file = pathlib.Path(path) / "config.json"
+    if config_file.is_file():
+        return ModelConfig.from_hf(json.loads(config_file.read_text())), str(config_file)
+    name = pathlib.Path(path).name.lower()
+    if name in KNOWN_ARCHITECTURES:
+        return ModelConfig.from_hf(KNOWN_ARCHITECTURES[name]), f"built-in architecture of {pathlib.Path(path).name}"
+    raise FileNotFoundError(f"model.path={path}: no config.json there, and not one of {sorted(KNOWN_ARCHITECTURES)}")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def planned_devices(cfg: TrainConfig) -> int:
+    """The mesh's own device count when it names every axis, else this machine's."""
+    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    return sizes[0] * sizes[1] * sizes[2] if -1 not in sizes else jax.device_count()
+
+
+def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
+    num_devices = num_devices or planned_devices(cfg)
+    data, fsdp, tensor = cfg.mesh.shape(num_devices)
+    batch_devices = data * fsdp
+    cfg.validate(num_batch_devices=batch_devices)
+    model, source = model_config_for(cfg.model.path)
+
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    micro_rows = cfg.micro_batch_rollouts(batch_devices)
+    seq = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+    p_bytes = 2 if cfg.model.param_dtype == "bfloat16" else 4
+    c_bytes = 2 if cfg.model.compute_dtype == "bfloat16" else 4
+    n_params = model.num_params
+    param_shards = fsdp * tensor
+    params = n_params * p_bytes / param_shards
+    adam = 2 * params
+    grads = params
+    reference = params if cfg.algo.kl_coef else 0.0
+    micro_per_device = max(micro_rows // batch_devices, 1)
+    activations = (micro_per_device * seq * model.num_layers * model.hidden_size
+                   * ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN * c_bytes / 2 / tensor)
+    rows_per_device = rows // batch_devices
+    sample_rows_per_device = cfg.sample_chunk_prompts(batch_devices) * cfg.rollout.group_size // batch_devices
+    kv_cache = (2 * model.num_layers * model.num_kv_heads * model.head_dim * seq * sample_rows_per_device * c_bytes
+                / min(tensor, model.num_kv_heads))
+    total = params + adam + grads + reference + activations + kv_cache
+
+    lines = [
+        "# resolved config", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "",
+        "# plan",
+        f"model: {model.family}, {n_params / 1e9:.3f}B parameters ({source})",
+        f"mesh: data={data} x fsdp={fsdp} x tensor={tensor} over {num_devices} device(s)",
+        f"step: {cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size} = {rows} rollouts of up to "
+        f"{seq} tokens; {rows_per_device} rollouts ({rows_per_device // cfg.rollout.group_size} whole groups) per device",
+        f"updates per step: {cfg.algo.ppo_epochs} epoch(s) x {cfg.rollout.prompts_per_step // cfg.mini_batch_prompts} "
+        f"mini-batches; micro-batch {micro_rows} rollouts = {micro_per_device} per device",
+        "estimated memory per device:",
+        f"  parameters            {_gb(params)}",
+        f"  AdamW moments         {_gb(adam)}",
+        f"  gradient accumulator  {_gb(grads)}",
+        f"  reference policy      {_gb(reference)}" + ("" if cfg.algo.kl_coef else "  (kl_coef = 0: none)"),
+        f"  activations (1 micro-batch, no remat)  {_gb(activations)}",
+        f"  sampler KV cache      {_gb(kv_cache)}  ({sample_rows_per_device} rollouts per device per sampler call)",
+        f"  total                 {_gb(total)}",
+    ]
+    return "\n".join(lines)
+

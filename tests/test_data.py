@@ -1,0 +1,74 @@
+"""Prompt data: reading JSONL / Parquet, errors naming file and line, templates, length policy, order."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from _model_helpers import make_tokenizer
+
+from ktae_jax.config import DataSection
+from ktae_jax.data import DataError, PromptData, format_prompt, read_rows
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_reads_jsonl_and_parquet(tmp_path, shared_dir):
+    rows = read_rows(shared_dir / "eval" / "math500.jsonl", "problem", "answer")
+    assert len(rows) == 500 and rows[0]["source"].endswith("math500.jsonl:1")
+    table = pa.table({"question": ["1+1?", "2+2?"], "solution": ["2", "4"]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    rows = read_rows(tmp_path / "d.parquet", "question", "solution")
+    assert [r["answer"] for r in rows] == ["2", "4"] and rows[1]["source"].endswith("row 2")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"problem": "x", "answer": "1"}\n{"problem": "y"', r"bad.jsonl:2: not valid JSON"),
+    ('{"problem": "x", "answer": "1"}\n{"question": "y", "answer": 2}', r"bad.jsonl:2: missing field 'problem'"),
+    ('{"problem": "", "answer": "1"}', r"bad.jsonl:1: field 'problem' must be a non-empty string"),
+    ('[1, 2]', r"bad.jsonl:1: a row must be an object"),
+])
+def test_malformed_rows_name_file_and_line(tmp_path, bad, message):
+    (tmp_path / "bad.jsonl").write_text(bad + "\n")
+    with pytest.raises(DataError, match=message):
+        read_rows(tmp_path / "bad.jsonl", "problem", "answer")
+
+
+def test_templates():
+    tok = make_tokenizer()
+    cfg = DataSection(system_prompt="be brief")
+    chat = format_prompt("what is 1 plus 1 ?", tok, cfg)
+    assert chat.startswith("<|im_start|> system be brief") and chat.endswith("<|im_start|> assistant ")
+    assert format_prompt("what is 1 ?", tok, DataSection(template="plain")) == "what is 1 ?"
+
+
+def test_length_policy_and_checkpointable_order(tmp_path):
+    tok = make_tokenizer()
+    rows = [{"problem": "what is " + " plus ".join(["1"] * n) + " ?", "answer": str(n)} for n in range(1, 13)]
+    rows = read_rows(_write_jsonl(tmp_path / "d.jsonl", rows), "problem", "answer")
+    cfg = DataSection(template="plain", max_prompt_len=12, overlong_prompts="filter", shuffle_seed=3)
+    data = PromptData(rows, tok, cfg, batch_prompts=2)
+    lengths = [len(e["ids"]) for e in data.examples]
+    assert data.stats.filtered == sum(2 * n + 1 > 12 for n in range(1, 13)) and max(lengths) <= 12
+    truncating = PromptData(rows, tok, DataSection(template="plain", max_prompt_len=12, overlong_prompts="truncate"), 2)
+    assert truncating.stats.truncated == data.stats.filtered and len(truncating.examples) == 12
+    assert tok.decode(truncating.examples[-1]["ids"]).endswith("1?")  # keeps the end of the question
+
+    first = next(data)
+    assert first.ids.shape == (2, 12) and np.all(first.mask[:, -1] == 1)  # left-padded
+    assert np.all(first.ids[first.mask == 0] == tok.pad_token_id)
+    state = data.get_state()
+    following = [next(data).problems for _ in range(4)]
+    again = PromptData(rows, tok, cfg, batch_prompts=2)
+    again.set_state(state)
+    assert [next(again).problems for _ in range(4)] == following
+    # Epochs: every usable prompt once per epoch, a new order each epoch.
+    fresh = PromptData(rows, tok, cfg, batch_prompts=1)
+    n = len(fresh.examples)
+    epoch1 = [next(fresh).problems[0] for _ in range(n)]
+    epoch2 = [next(fresh).problems[0] for _ in range(n)]
+    assert sorted(epoch1) == sorted(epoch2) and len(set(epoch1)) == n and epoch1 != epoch2
