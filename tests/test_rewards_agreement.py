@@ -21,7 +21,9 @@ def test_agreement_with_the_papers_grader(shared_dir):
     listed = {d["index"]: d for d in json.loads(DISAGREEMENTS.read_text())["disagreements"]}
     assert all(d["reason"] and d["verdict"] in ("ours right", "known difference") for d in listed.values())
 
-    with GraderPool(num_workers=2, timeout_s=5.0) as pool:
+    # A generous wall limit: verdicts depend on the checks' CPU-time limits, not on how busy
+    # the machine is; the wall limit (tested in test_rewards_pool) is only the backstop.
+    with GraderPool(num_workers=2, timeout_s=30.0) as pool:
         result = pool.grade([r["response"] for r in rows], [r["gt"] for r in rows])
 
     assert result.timeouts == 0 and result.crashes == 0 and result.errors == 0

@@ -156,3 +156,13 @@ def test_closed_pool_refuses_work():
     p.close()
     with pytest.raises(RuntimeError, match="after close"):
         p.grade([r"\boxed{1}"], ["1"])
+
+
+def test_workers_that_cannot_start_give_a_clear_error(monkeypatch):
+    monkeypatch.setenv(FAULTS_ENV, "fail-start")
+    p = GraderPool(num_workers=1, timeout_s=1.0)
+    try:
+        with pytest.raises(RuntimeError, match="exit during start-up"):
+            p.grade([r"\boxed{1}"], ["1"])
+    finally:
+        p.close()

@@ -180,12 +180,24 @@ class GraderPool:
         with self._lock:
             return self._run(items)
 
+    def _run(self, items: list[tuple[int, str, list[str]]]) -> GradeResult:
+        try:
+            return self._schedule(items)
+        except BaseException:
+            # An aborted batch (start-up failure, Ctrl-C) must not leave items of its own in
+            # flight, or the next batch would receive their results.
+            for w in list(self._workers):
+                if w.inflight:
+                    w.inflight.clear()
+                    self._replace(w)
+            raise
+
     def _replace(self, w: _Worker) -> None:
         w.kill()
         self._workers[self._workers.index(w)] = _Worker(self._environ)
         self.restarts += 1
 
-    def _run(self, items: list[tuple[int, str, list[str]]]) -> GradeResult:
+    def _schedule(self, items: list[tuple[int, str, list[str]]]) -> GradeResult:
         t0 = time.monotonic()
         n = len(items)
         scores = [0.0] * n
@@ -237,7 +249,8 @@ class GraderPool:
                             continue
                         _, index, score, status = message
                         head = w.inflight.popleft()
-                        assert head == index, (head, index)
+                        if head != index:
+                            raise RuntimeError(f"worker answered item {index}, expected {head}")
                         scores[index], statuses[index] = score, status
                         remaining -= 1
                         w.item_started = time.monotonic()

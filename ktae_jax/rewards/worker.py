@@ -28,8 +28,9 @@ def _warm_up() -> None:
     grade_response("so \\boxed{x^2+1}", ["1+x^{2}"])
 
 
-# Fault injection for the pool's tests (off unless this variable is "1"): a response holding
-# HANG_MARKER blocks every signal and sleeps, as a C-level loop would; CRASH_MARKER exits.
+# Fault injection for the pool's tests (off unless this variable is set): with "1", a response
+# holding HANG_MARKER blocks every signal and sleeps, as a C-level loop would, and CRASH_MARKER
+# exits; with "fail-start", the worker exits before it is ready (a broken environment).
 FAULTS_ENV = "KTAE_GRADER_FAULTS"
 HANG_MARKER = "<<grader-test-hang>>"
 CRASH_MARKER = "<<grader-test-crash>>"
@@ -74,6 +75,8 @@ def serve(inbox: Connection, outbox: Connection) -> None:
 def main(argv: list[str]) -> None:
     # Ctrl-C in the trainer reaches the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.environ.get(FAULTS_ENV) == "fail-start":
+        sys.exit(2)
     inbox = Connection(int(argv[1]), writable=False)
     outbox = Connection(int(argv[2]), readable=False)
     _warm_up()
