@@ -5,11 +5,15 @@ Host side (any answer):   `grade_batch`, `GraderPool` (+ `GradeResult`), then
 Device side (exact-token answers, inside jit): `exact_match_reward`.
 """
 
-from ktae_jax.rewards.equivalence import answers_equivalent, grade_response, reference_candidates
+from ktae_jax.rewards.equivalence import (
+    answer_matches_any,
+    answers_equivalent,
+    grade_response,
+    reference_candidates,
+)
 from ktae_jax.rewards.extract import extract_boxed
 from ktae_jax.rewards.functions import RewardConfig, compute_rewards, overlong_penalty
 from ktae_jax.rewards.pool import GradeResult, GraderPool, grade_batch, shared_pool
-
 
 
 def __getattr__(name: str):
@@ -25,6 +29,7 @@ __all__ = [
     "GradeResult",
     "GraderPool",
     "RewardConfig",
+    "answer_matches_any",
     "answers_equivalent",
     "compute_rewards",
     "exact_match_reward",

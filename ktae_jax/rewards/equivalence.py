@@ -263,22 +263,49 @@ def _assignment_values(s: str) -> str:
 # ---------------------------------------------------------------- entry points
 
 
-def answers_equivalent(answer: str, reference: str) -> bool:
-    """Whether one extracted answer matches one reference string (any of the three checks)."""
+def _prepared(answer: str, reference: str) -> tuple[str, str] | None:
+    """The pair in the forms the checks compare, or None when one side is empty."""
     answer, reference = clean_text(answer).strip(), clean_text(reference).strip()
     if "\\boxed" in reference or "\\fbox" in reference:
         reference = extract_boxed(reference) or reference  # a stored full solution
     if not answer or not reference:
-        return False
+        return None
     answer, reference = _latex_scientific(answer), _latex_scientific(reference)
     if "=" not in reference:
         answer = _assignment_values(answer)
+    return answer, reference
+
+
+def _string_match(answer: str, reference: str) -> bool:
+    """Check 1 (and, for screened answers, the PRM800K normal form too): no evaluation."""
     norm_answer = math_normalize(answer)
     if norm_answer is not None and norm_answer == math_normalize(reference):
         return True
     if unsafe_to_evaluate(answer) or unsafe_to_evaluate(reference):
         return prm_normalize(answer) == prm_normalize(reference)
+    return False
+
+
+def _symbolic_match(answer: str, reference: str) -> bool:
+    """Checks 2 and 3, for answers the screens let through."""
+    if unsafe_to_evaluate(answer) or unsafe_to_evaluate(reference):
+        return False
     return sympy_equal(answer, reference) or math_verify_equal(answer, reference)
+
+
+def answer_matches_any(answer: str, references: list[str]) -> bool:
+    """Whether an extracted answer matches any reference string.
+
+    Cheap string checks run for every reference before any symbolic one, and duplicates
+    (references often repeat with only a trailing newline changed) are checked once.
+    """
+    pairs = [p for p in dict.fromkeys(_prepared(answer, r) for r in references) if p]
+    return any(_string_match(*p) for p in pairs) or any(_symbolic_match(*p) for p in pairs)
+
+
+def answers_equivalent(answer: str, reference: str) -> bool:
+    """Whether one extracted answer matches one reference string (any of the three checks)."""
+    return answer_matches_any(answer, [reference])
 
 
 def grade_response(response: str, reference: object) -> float:
@@ -288,4 +315,4 @@ def grade_response(response: str, reference: object) -> float:
     answer = extract_boxed(clean_text(response))
     if answer is None:
         return 0.0
-    return float(any(answers_equivalent(answer, ref) for ref in reference_candidates(reference)))
+    return float(answer_matches_any(answer, reference_candidates(reference)))

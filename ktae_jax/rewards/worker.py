@@ -45,7 +45,7 @@ def _inject_fault(response: str) -> None:
 
 
 def serve(inbox: Connection, outbox: Connection) -> None:
-    from ktae_jax.rewards.equivalence import answers_equivalent
+    from ktae_jax.rewards.equivalence import answer_matches_any
     from ktae_jax.rewards.extract import clean_text, extract_boxed
 
     faults = os.environ.get(FAULTS_ENV) == "1"
@@ -65,7 +65,7 @@ def serve(inbox: Connection, outbox: Connection) -> None:
                 if answer is None:
                     score, status = 0.0, "no_answer"
                 else:
-                    score = float(any(answers_equivalent(answer, c) for c in candidates))
+                    score = float(answer_matches_any(answer, candidates))
                     status = "ok"
             except Exception as exc:  # a grader bug must cost one item, not the pool
                 score, status = 0.0, f"error: {type(exc).__name__}: {exc}"[:300]
