@@ -166,3 +166,13 @@ def test_workers_that_cannot_start_give_a_clear_error(monkeypatch):
             p.grade([r"\boxed{1}"], ["1"])
     finally:
         p.close()
+
+
+def test_a_forked_child_cannot_stop_the_pool(pool):
+    pid = os.fork()
+    if pid == 0:  # e.g. a data-loader process holding a copy of the trainer's objects
+        pool.close()
+        pool.__del__()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert pool.grade([r"\boxed{1}"] * 3, ["1"] * 3).scores == [1.0] * 3

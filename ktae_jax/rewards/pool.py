@@ -126,6 +126,9 @@ class GraderPool:
         self.restarts = 0  # workers replaced over the pool's life
         # Replacements start with the environment the pool was made with.
         self._environ = dict(os.environ)
+        # A forked child (e.g. a data-loader process) inherits this object; only the process
+        # that started the workers may stop them.
+        self._owner_pid = os.getpid()
         self._workers = [_Worker(self._environ) for _ in range(num_workers)]
 
     # ------------------------------------------------------------ public API
@@ -148,7 +151,7 @@ class GraderPool:
         return self._executor.submit(self._locked_run, items)
 
     def close(self) -> None:
-        if self._closed:
+        if self._closed or os.getpid() != self._owner_pid:
             return
         self._closed = True
         if self._executor is not None:
@@ -166,6 +169,8 @@ class GraderPool:
 
     def __del__(self) -> None:
         try:
+            if os.getpid() != self._owner_pid:
+                return
             for w in getattr(self, "_workers", []):
                 w.kill()
         except Exception:
