@@ -168,6 +168,8 @@ def test_workers_that_cannot_start_give_a_clear_error(monkeypatch):
         p.close()
 
 
+# The child only closes the pool and exits, so jax's threads (a fork hazard) are never used.
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 def test_a_forked_child_cannot_stop_the_pool(pool):
     pid = os.fork()
     if pid == 0:  # e.g. a data-loader process holding a copy of the trainer's objects
