@@ -98,15 +98,19 @@ def _real_rows(shared_dir, n):
 
 
 def test_worker_killed_mid_batch_from_outside(pool, shared_dir):
-    rows = _real_rows(shared_dir, 500)  # no known disagreement among the first 600
-    future = pool.submit([r["response"] for r in rows], [r["gt"] for r in rows])
+    rows = _real_rows(shared_dir, 300)  # no known disagreement among the first 600
+    # A hung first item keeps the batch running past its 2 s limit, so the kill below
+    # lands mid-batch however fast the machine is.
+    responses = [HANG_MARKER] + [r["response"] for r in rows]
+    future = pool.submit(responses, ["0"] + [r["gt"] for r in rows])
     time.sleep(0.5)
     victim = pool.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     result = future.result(timeout=120)
     assert victim not in pool.worker_pids()  # noticed during the batch and replaced
-    assert result.crashes <= 1  # the item it held, if it held one at that moment
-    for i, row in enumerate(rows):
+    assert result.scores[0] == 0.0 and 0 in result.timed_out + result.crashed
+    assert result.crashes <= 1  # the item the victim held
+    for i, row in enumerate(rows, start=1):
         if i not in result.crashed:
             assert result.scores[i] == row["reward"], (i, row["gt"])
 
