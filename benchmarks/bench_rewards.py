@@ -107,10 +107,8 @@ def main() -> None:
         startup, wall, cpu, scores, timeouts = pooled(workers, rows, args.timeout_s)
         results[workers] = scores
         line(f"ours: GraderPool({workers} worker{'s' if workers > 1 else ''})", wall)
-        print(
-            f"    (start-up {startup:.2f} s, once; timeouts {timeouts}; workers used"
-            f" {cpu:.1f} CPU-s = {cpu / wall:.2f} cores)"
-        )
+        used = f"{cpu:.1f} CPU-s = {cpu / wall:.2f} cores" if cpu == cpu else "n/a (replaced)"
+        print(f"    (start-up {startup:.2f} s, once; timeouts {timeouts}; workers used {used})")
 
     scores = results[2]
     confusion = collections.Counter((int(r["reward"]), int(s)) for r, s in zip(rows, scores))
