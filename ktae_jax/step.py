@@ -77,13 +77,16 @@ def response_logprobs(graphdef, params, tokens_NxT, attn_NxT, *, response_len: i
 def _slices(x, num_minibatches: int, num_microbatches: int):
     """[N, ...] -> [minibatches, microbatches, rows, ...] by striding, so each device keeps its own rows.
 
-    Row r goes to slice (r mod M*U): device-contiguous row blocks stay device-local. The update
-    does not care which rollouts share a mini-batch (advantages are already computed).
+    Row r goes to mini-batch r mod M, and within it to micro-batch (r div M) mod U: which rollouts
+    share a mini-batch depends on neither the micro-batching nor the mesh, and device-contiguous
+    row blocks stay device-local. (The update does not care which rollouts share a mini-batch:
+    advantages are already computed.)
     """
-    n = x.shape[0]
-    per = num_minibatches * num_microbatches
-    x = x.reshape(n // per, num_minibatches, num_microbatches, *x.shape[1:])
-    return jnp.moveaxis(x, 0, 2)
+    def stride(x, parts):  # [n, ...] -> [parts, n / parts, ...], part p = rows p, p + parts, ...
+        return jnp.moveaxis(x.reshape(x.shape[0] // parts, parts, *x.shape[1:]), 1, 0)
+
+    minibatches = stride(x, num_minibatches)
+    return jax.vmap(lambda mini: stride(mini, num_microbatches))(minibatches)
 
 
 def train_step(state: TrainState, batch: UpdateBatch, *, graphdef, tx: optax.GradientTransformation,
@@ -122,7 +125,7 @@ def train_step(state: TrainState, batch: UpdateBatch, *, graphdef, tx: optax.Gra
         (grads, metrics), _ = jax.lax.scan(accumulate, zeros, mini)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics["optim/grad_norm"] = optax.global_norm(grads)
+        metrics["optim/grad_norm"] = optax.tree.norm(grads)
         return (params, opt_state), metrics
 
     def epoch(carry, _):

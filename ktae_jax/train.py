@@ -126,7 +126,11 @@ class Trainer:
         # A raw uint32 key (checkpoints as a plain array), placed like every other state leaf so that
         # the state's layout is the same before and after the first step (no recompilation).
         rng = jax.device_put(jax.random.PRNGKey(cfg.run.seed), replicated)
-        opt_state = jax.jit(self.tx.init)(params)
+        # Moments follow their parameters' shardings; leaves made from nothing (Adam's step count)
+        # would land on one device: replicate those over the mesh.
+        mesh_devices = set(self.mesh.devices.flat)
+        opt_state = jax.tree.map(lambda x: x if x.sharding.device_set == mesh_devices else jax.device_put(x, replicated),
+                                 jax.jit(self.tx.init)(params))
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
         self.state = TrainState(params=params, opt_state=opt_state, step=step, rng=rng)
         # The frozen reference: a copy, since the train step donates (overwrites) the policy's buffers.

@@ -1,0 +1,172 @@
+"""The trainer end to end on a tiny random model: CLI, SIGTERM + resume, 1 vs 8 devices, exact
+resume, dynamic sampling, NaN stop, bad checkpoints."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from _train_helpers import make_workspace, read_metrics, tiny_config, tiny_overrides, without_times
+
+from ktae_jax.models import load_pretrained
+from ktae_jax.train import Rollouts, Trainer, TrainingError, run
+
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("train"))
+
+
+def _params(trainer_or_state):
+    state = trainer_or_state.state if isinstance(trainer_or_state, Trainer) else trainer_or_state
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def test_cli_runs_logs_checkpoints_survives_sigterm_and_resumes(workspace, tmp_path):
+    checkpoint, data = workspace
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "ktae_jax.cli.train", *tiny_overrides(
+        checkpoint, data, run_dir, **{"run.max_steps": 40, "run.export_hf": True, "run.tensorboard": True,
+                                      "run.progress": True, "run.checkpoint_every": 100})]
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)  # preemption: save after the current step and stop
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output
+    assert "SIGTERM: checkpoint saved at step" in output and "compiled train step memory" in output
+    assert "train:" in output  # the progress bar
+    stopped = len(read_metrics(run_dir))
+    assert 1 <= stopped < 40 and (run_dir / "checkpoints" / str(stopped)).is_dir()
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+
+    resumed = subprocess.run(args[:3] + ["--max-steps", str(stopped + 1)] + args[3:], env=env, capture_output=True,
+                             text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {run_dir / 'checkpoints' / str(stopped)}" in resumed.stdout
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, stopped + 2))
+    for key in ("reward/mean", "reward/accuracy", "response/length_mean", "response/length_max", "loss/kl",
+                "loss/entropy", "loss/clip_frac", "optim/grad_norm", "optim/lr", "time/sample_grade_s",
+                "time/advantages_s", "time/update_s", "throughput/tokens_per_s", "reward/timeouts",
+                "ktae/top_positive", "ktae/top_negative", "response/truncated_frac"):
+        assert key in metrics[-1], key
+    model, tokenizer = load_pretrained(run_dir / "hf")  # the exported policy
+    assert tokenizer is not None and model.config.vocab_size == 96
+
+
+def test_resume_reproduces_the_uninterrupted_run(workspace, tmp_path):
+    checkpoint, data = workspace
+    straight = tiny_config(checkpoint, data, tmp_path / "straight")
+    run(straight)
+    split = tiny_config(checkpoint, data, tmp_path / "split")
+    run(split, max_steps=2)  # "killed" after step 2
+    assert len(read_metrics(tmp_path / "split")) == 2
+    run(split)  # resumes at step 3
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        x, y = without_times(x), without_times(y)
+        assert x["ktae/top_positive"] == y["ktae/top_positive"]
+        numbers = lambda m: {k: v for k, v in m.items() if not isinstance(v, list)}  # noqa: E731
+        assert numbers(x) == pytest.approx(numbers(y), rel=1e-5, abs=1e-6)
+    assert a[-1]["optim/grad_norm"] > 0  # the runs really learned something
+    final = [Trainer(tiny_config(checkpoint, data, tmp_path / d)) for d in ("straight", "split")]
+    try:
+        for t in final:
+            assert t.restore_latest() == 4
+        for x, y in zip(_params(final[0]), _params(final[1])):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    finally:
+        for t in final:
+            t.close()
+
+
+def test_one_device_and_eight_devices_agree(workspace, tmp_path):
+    checkpoint, data = workspace
+    assert jax.device_count() == 8
+    results = []
+    for name, devices, mesh in [("one", jax.devices()[:1], {}), ("eight", None, {"mesh.data": 4, "mesh.fsdp": 2})]:
+        trainer = Trainer(tiny_config(checkpoint, data, tmp_path / name, **{"algo.micro_batch_per_device": 2,
+                                                                             "rollout.sample_prompts_per_device": 0},
+                                      **mesh), devices)
+        try:
+            metrics = trainer.step(1)
+            results.append((metrics, _params(trainer)))
+            if name == "eight":
+                leaf = jax.tree.leaves(trainer.state.params)[0]
+                assert len(leaf.sharding.device_set) == 8
+        finally:
+            trainer.close()
+    (m1, p1), (m8, p8) = results
+    assert m1["reward/mean"] == m8["reward/mean"]  # the same greedy-independent samples and rewards
+    for key in ("loss/total", "loss/pg", "loss/kl", "optim/grad_norm"):
+        assert m1[key] == pytest.approx(m8[key], rel=1e-4, abs=1e-6), key
+    for x, y in zip(p1, p8):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def _fake_rollouts(rewards, G, R=3):
+    """Host-side rollouts with the given per-row rewards (only the rewards matter to the filter)."""
+    rewards = np.asarray(rewards, np.float32)
+    n = len(rewards)
+    z = lambda dtype, *shape: np.zeros((n, *shape), dtype)  # noqa: E731
+    return Rollouts(z(np.int32, 5), z(np.int32, 5), z(np.int32, R), z(np.int32, R), z(np.float32, R), rewards,
+                    (rewards > 0).astype(np.float32), np.full(n, R), {"reward/timeouts": 0.0})
+
+
+def test_dynamic_sampling_fills_the_batch_or_stops_at_its_limit(workspace, tmp_path, monkeypatch):
+    checkpoint, data = workspace
+    trainer = Trainer(tiny_config(checkpoint, data, tmp_path / "ds", **{"algo.dynamic_sampling": True,
+                                                                        "algo.max_num_gen_batches": 3}))
+    try:
+        G, P = 4, 8
+        mixed = np.tile([0.0, 1.0, 0.0, 0.0], P)  # every group mixed
+        rounds = iter([np.zeros(P * G), mixed.copy()])
+        monkeypatch.setattr(trainer, "_generate", lambda prompts, key: _fake_rollouts(next(rounds), G))
+        batch, info = trainer._collect(jax.random.PRNGKey(0))
+        assert info == {"dynamic/rounds": 2, "dynamic/mixed_groups": P, "dynamic/filled": 1.0}
+        per_group = batch.rewards_N.reshape(-1, G)
+        assert len(per_group) == P and np.all(per_group.max(1) > per_group.min(1))
+
+        monkeypatch.setattr(trainer, "_generate", lambda prompts, key: _fake_rollouts(np.ones(P * G), G))
+        batch, info = trainer._collect(jax.random.PRNGKey(0))
+        assert info == {"dynamic/rounds": 3, "dynamic/mixed_groups": 0, "dynamic/filled": 0.0}
+        assert batch.rewards_N.shape == (P * G,)  # still a full, static-shape batch
+    finally:
+        trainer.close()
+
+
+def test_nan_loss_stops_without_a_poisoned_checkpoint(workspace, tmp_path):
+    checkpoint, data = workspace
+    cfg = tiny_config(checkpoint, data, tmp_path / "nan", **{"reward.custom_fn": "_train_helpers:nan_reward"})
+    with pytest.raises(TrainingError, match="step 1: non-finite loss"):
+        run(cfg)
+    assert not list((tmp_path / "nan" / "checkpoints").glob("[0-9]*"))
+    assert not (tmp_path / "nan" / "metrics.jsonl").exists()
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(workspace, tmp_path):
+    from _model_helpers import make_hf_checkpoint
+
+    from ktae_jax.checkpoint import CheckpointError
+
+    checkpoint, data = workspace
+    run(tiny_config(checkpoint, data, tmp_path / "ck", **{"run.max_steps": 1}))
+    wider = make_hf_checkpoint(tmp_path, "qwen2", seed=3, name="wider", hidden_size=32)
+    trainer = Trainer(tiny_config(wider, data, tmp_path / "ck"))
+    try:
+        with pytest.raises(CheckpointError, match="ck/checkpoints/1"):
+            trainer.restore_latest()
+    finally:
+        trainer.close()
