@@ -116,6 +116,7 @@ def main() -> None:
         print(f"Qwen2-shaped model: {config.num_params / 1e6:.1f}M parameters, float32 "
               f"({weight_bytes / 1e6:.0f} MB); bandwidth bound per decode step "
               f"{weight_bytes / BANDWIDTH_BYTES_PER_S * 1e3:.1f} ms")
+        print(f"1-min load average (2 shared cores): {os.getloadavg()[0]:.1f}")
         print(f"{'case':<34}{'ours (JAX)':>14}{'transformers':>14}{'speed-up':>10}")
         for batch, prompt_len in ([(1, 64), (8, 64)] if not args.quick else [(1, 16), (4, 16)]):
             a = ours(folder, batch, prompt_len, steps=8, reps=reps)

@@ -11,6 +11,7 @@ read all weights once from memory (the bandwidth bound).
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import tempfile
@@ -94,6 +95,7 @@ def main() -> None:
     bound = weight_bytes / BANDWIDTH_BYTES_PER_S
     print(f"{num_prompts} prompts x G={groups}, {prompt_len}-token prompts, {new_tokens} new tokens, T=1; "
           f"Qwen2 {config.num_params / 1e6:.1f}M params float32")
+    print(f"1-min load average (2 shared cores): {os.getloadavg()[0]:.1f}")
     print(f"{'':<28}{'ours (JAX)':>14}{'transformers':>14}")
     print(f"{'tokens/s':<28}{tokens / a['total']:>14.1f}{tokens / b['total']:>14.1f}")
     print(f"{'total time (s)':<28}{a['total']:>14.2f}{b['total']:>14.2f}")
