@@ -1,0 +1,341 @@
+"""Evaluation with the paper's protocol: greedy answers to benchmark problems, graded and tabulated.
+
+The protocol (shared/eval/README.md): the Qwen2.5-Math chat template with its system prompt,
+greedy decoding, at most 3,000 new tokens, the last `\\boxed{}` of a response graded against the
+reference (a string, a number or a list of accepted answers), accuracy and mean response length
+per benchmark plus their unweighted means. `evaluate` runs it for the CLI (`ktae-eval`) and for
+the trainer (a validation file every N steps: pass `(graphdef, params)` and the trainer's pool).
+
+The steps of `evaluate`:
+  1. SELECT     the first `limit` rows of each benchmark.
+  2. RESUME     rows already recorded in `out_dir/<name>.jsonl` are skipped; a torn last line (a
+                run killed mid-write) is dropped.
+  3. SAMPLE     batches of `batch_prompts` prompts, all left-padded to one width and the last batch
+                filled with copies, so one compiled sampler serves every batch       (device)
+  4. GRADE      the responses in the grader pool                                      (host)
+  5. WRITE      each batch's records appended to the JSONL at once: a kill loses one batch at most
+  6. SUMMARISE  summary.json and summary.md (benchmarks as columns, like the paper's table)
+On several hosts every process samples (the batches are sharded over the mesh) and process 0
+grades, writes and summarises; the others return None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from ktae_jax.config import DataSection
+from ktae_jax.data import format_prompt, left_pad, read_rows
+from ktae_jax.mesh import batch_sharding
+from ktae_jax.rewards import GraderPool, extract_boxed
+from ktae_jax.sample import SamplingConfig, sample_jit
+
+# The paper's table: its column order and headers. Other benchmarks follow, in the order given.
+PAPER_COLUMNS = {"aime24": "AIME24", "amc23": "AMC23", "math500": "MATH500", "minerva_math": "Minerva",
+                 "olympiadbench": "Olympiad"}
+PAPER_BENCHMARKS = ("math500", "aime24", "amc23", "minerva_math", "olympiadbench")
+PROTOCOL_FILE = "protocol.json"
+# Prompt widths are rounded up to this, so validation sets of similar size share one compilation.
+_WIDTH_QUANTUM = 32
+
+
+class EvalError(ValueError):
+    """Bad evaluation input or an output folder that belongs to another evaluation; names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """What decides the responses; an output folder holds the results of one protocol only."""
+
+    max_new_tokens: int = 3000  # response length limit (the paper: 3,000)
+    template: str = "chat"  # "chat": the tokenizer's chat template with `system_prompt`
+    system_prompt: str = DataSection().system_prompt  # the Qwen2.5-Math system prompt
+
+    def data_section(self) -> DataSection:
+        return DataSection(template=self.template, system_prompt=self.system_prompt)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- inputs
+def load_benchmarks(data_dir: str | pathlib.Path, names: Sequence[str], *, prompt_field: str = "problem",
+                    answer_field: str = "answer") -> dict[str, list[dict[str, Any]]]:
+    """{name: rows} from `data_dir/<name>.jsonl`; a missing file is an error listing what is there."""
+    folder = pathlib.Path(data_dir)
+    if not folder.is_dir():
+        raise EvalError(f"{folder}: the data directory does not exist")
+    out = {}
+    for name in names:
+        path = folder / f"{name}.jsonl"
+        if not path.is_file():
+            present = sorted(p.stem for p in folder.glob("*.jsonl"))
+            raise EvalError(f"{path}: no such benchmark file (benchmarks in {folder}: {', '.join(present) or 'none'})")
+        out[name] = read_rows(path, prompt_field, answer_field)
+    return out
+
+
+def read_records(path: pathlib.Path, *, repair: bool) -> dict[int, dict[str, Any]]:
+    """{index: record} of a per-item JSONL; a torn last line is ignored (and cut off when `repair`)."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    complete, _, torn = data.rpartition(b"\n")
+    if torn and repair:
+        # Appends must start on a fresh line; the torn record is redone.
+        with path.open("r+b") as handle:
+            handle.truncate(len(complete) + 1 if complete else 0)
+    records = {}
+    for number, line in enumerate(complete.split(b"\n") if complete else [], 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            index = int(record["index"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise EvalError(f"{path}:{number}: not a record of ktae-eval ({err}); use another output folder") from None
+        records[index] = record
+    return records
+
+
+def _check_protocol(out_dir: pathlib.Path, protocol: Protocol, *, write: bool) -> None:
+    path = out_dir / PROTOCOL_FILE
+    wanted = dataclasses.asdict(protocol)
+    if path.exists():
+        found = json.loads(path.read_text())
+        for key, value in wanted.items():
+            if found.get(key) != value:
+                raise EvalError(f"{path}: the results there were made with {key}={found.get(key)!r}, not {value!r};"
+                                " use another output folder")
+    elif write:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(wanted, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------- multi-host helpers
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _from_main(x: np.ndarray) -> np.ndarray:
+    """Process 0's value of `x` on every process (only process 0 reads the output folder)."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ---------------------------------------------------------------------- grading (host)
+def grade_records(items: Sequence[dict[str, Any]], responses: Sequence[str], lengths: Sequence[int],
+                  finished: Sequence[bool], pool: GraderPool) -> list[dict[str, Any]]:
+    """Per-item records for `responses` to `items` (rows with "index", "problem", "prompt", "answer")."""
+    result = pool.grade(list(responses), [item["answer"] for item in items])
+    return [
+        {"index": item["index"], "problem": item["problem"], "prompt": item["prompt"], "response": response,
+         "extracted": extract_boxed(response), "reference": item["answer"], "correct": bool(score > 0),
+         "length": int(length), "finished": bool(done)}
+        for item, response, length, done, score in zip(items, responses, lengths, finished, result.scores)
+    ]
+
+
+# ---------------------------------------------------------------------- summary
+def summarize(records: Mapping[str, Sequence[dict[str, Any]]], *, label: str = "",
+              protocol: Protocol = Protocol()) -> dict[str, Any]:
+    """Accuracy (a fraction) and mean length per benchmark, and their unweighted means."""
+    per: dict[str, dict[str, Any]] = {}
+    for name, recs in records.items():
+        n = len(recs)
+        per[name] = {
+            "items": n,
+            "correct": sum(r["correct"] for r in recs),
+            "accuracy": sum(r["correct"] for r in recs) / n if n else math.nan,
+            "mean_length": sum(r["length"] for r in recs) / n if n else math.nan,
+            "no_answer": sum(r["extracted"] is None for r in recs),
+            "truncated": sum(not r["finished"] for r in recs),
+        }
+    scored = [p for p in per.values() if p["items"]]
+    average = {
+        "accuracy": float(np.mean([p["accuracy"] for p in scored])) if scored else math.nan,
+        "mean_length": float(np.mean([p["mean_length"] for p in scored])) if scored else math.nan,
+        "items": sum(p["items"] for p in per.values()),
+    }
+    return {"model": label, "protocol": dataclasses.asdict(protocol), "benchmarks": per, "average": average}
+
+
+def column_order(names: Sequence[str]) -> list[str]:
+    """The paper's column order for its benchmarks, then the others as given."""
+    known = [n for n in PAPER_COLUMNS if n in names]
+    return known + [n for n in names if n not in PAPER_COLUMNS]
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """The summary as the paper lays out its table: one column per benchmark, then the average."""
+    names = column_order(list(summary["benchmarks"]))
+    per, avg = summary["benchmarks"], summary["average"]
+    pct = lambda x: "-" if math.isnan(x) else f"{100 * x:.1f}"  # noqa: E731
+    num = lambda x: "-" if math.isnan(x) else f"{x:.1f}"  # noqa: E731
+    rows = [
+        ["", *(PAPER_COLUMNS.get(n, n) for n in names), "avg"],
+        ["---", *("---:" for _ in names), "---:"],
+        ["accuracy (%)", *(pct(per[n]["accuracy"]) for n in names), pct(avg["accuracy"])],
+        ["mean response length (tokens)", *(num(per[n]["mean_length"]) for n in names), num(avg["mean_length"])],
+        ["items", *(str(per[n]["items"]) for n in names), str(avg["items"])],
+    ]
+    p = summary["protocol"]
+    head = [f"# Evaluation{': ' + summary['model'] if summary['model'] else ''}", "",
+            f"Greedy decoding, at most {p['max_new_tokens']} new tokens, {p['template']} template; "
+            "accuracy of the last `\\boxed{}` answer; avg = unweighted mean over the benchmarks.", ""]
+    return "\n".join(head + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def validation_metrics(summary: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
+    """Flat metrics for the trainer's logger: `eval/<name>/accuracy`, ..., `eval/accuracy`."""
+    out = {}
+    for name, p in summary["benchmarks"].items():
+        out[f"{prefix}/{name}/accuracy"] = float(p["accuracy"])
+        out[f"{prefix}/{name}/mean_length"] = float(p["mean_length"])
+    out[f"{prefix}/accuracy"] = float(summary["average"]["accuracy"])
+    out[f"{prefix}/mean_length"] = float(summary["average"]["mean_length"])
+    return out
+
+
+# ---------------------------------------------------------------------- the evaluation
+def _split_policy(policy: Any) -> tuple[nnx.GraphDef, nnx.State]:
+    if isinstance(policy, tuple):
+        graphdef, state = policy
+        return graphdef, state
+    return nnx.split(policy)
+
+
+def evaluate(
+    policy: Any, tokenizer: Any, benchmarks: Mapping[str, Sequence[dict[str, Any]]], *,
+    out_dir: str | pathlib.Path, max_new_tokens: int = 3000, batch_prompts: int = 16, mesh: Mesh | None = None,
+    pool: GraderPool | None = None, limit: int | None = None, stop_ids: Sequence[int] | None = None,
+    protocol: Protocol | None = None, label: str = "", progress: bool = True, grade_workers: int | None = None,
+    grade_timeout_s: float = 5.0,
+) -> dict[str, Any] | None:
+    """Greedy responses to every selected row, graded; returns the summary (None off process 0).
+
+    `policy` is a `Transformer` or `(graphdef, params)` (the trainer's), already placed on `mesh`.
+    `benchmarks` maps a name to rows with "problem" and "answer" (as `read_rows` gives them).
+    `stop_ids` default to the tokenizer's EOS. Without `pool`, one of `grade_workers` processes
+    (default: one per core) is started only if there is something to grade, and closed at the end.
+    """
+    protocol = protocol or Protocol(max_new_tokens=max_new_tokens)
+    if limit is not None and limit < 1:
+        raise EvalError(f"limit={limit}: must be >= 1")
+    if batch_prompts < 1:
+        raise EvalError(f"batch_prompts={batch_prompts}: must be >= 1")
+    out = pathlib.Path(out_dir)
+    main = _is_main()
+    _check_protocol(out, protocol, write=main)
+    graphdef, state = _split_policy(policy)
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    stops = tuple(stop_ids) if stop_ids is not None else (int(tokenizer.eos_token_id),)
+    config = SamplingConfig(max_new_tokens=protocol.max_new_tokens, greedy=True, eos_ids=stops, pad_id=pad_id)
+
+    # 1-2. SELECT and RESUME: the rows still to do (process 0 decides; the others follow).
+    cfg = protocol.data_section()
+    done: dict[str, dict[int, dict[str, Any]]] = {}
+    todo: dict[str, list[dict[str, Any]]] = {}
+    for name, rows in benchmarks.items():
+        rows = list(rows)[:limit]
+        path = out / f"{name}.jsonl"
+        done[name] = read_records(path, repair=True) if main else {}
+        for index, record in done[name].items():
+            if index < len(rows) and record.get("problem") != rows[index]["problem"]:
+                raise EvalError(f"{path}: item {index} is not the problem of this benchmark's row {index};"
+                                " the folder belongs to another data set")
+        flags = _from_main(np.asarray([i in done[name] for i in range(len(rows))], bool))
+        todo[name] = [{"index": i, "problem": row["problem"], "answer": row["answer"],
+                       "prompt": format_prompt(row["problem"], tokenizer, cfg)}
+                      for i, row in enumerate(rows) if not flags[i]]
+        if main:  # records of rows beyond `limit` stay on disk but are not counted
+            done[name] = {i: r for i, r in done[name].items() if i < len(rows)}
+
+    pending = [item for items in todo.values() for item in items]
+    if pending:
+        ids = tokenizer([item["prompt"] for item in pending], add_special_tokens=False)["input_ids"]
+        for item, seq in zip(pending, ids):
+            item["ids"] = list(seq)
+        width = -(-max(map(len, ids)) // _WIDTH_QUANTUM) * _WIDTH_QUANTUM
+        # No bigger batches than the largest benchmark needs (filler rows cost as much as real ones).
+        batch_prompts = min(batch_prompts, max(len(items) for items in todo.values()))
+        if mesh is not None:  # every batch device gets the same number of prompts
+            per = mesh.shape["data"] * mesh.shape["fsdp"]
+            batch_prompts = -(-batch_prompts // per) * per
+        limit_pos = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+        if limit_pos and width + protocol.max_new_tokens > limit_pos:
+            warnings.warn(f"prompts of up to {width} tokens + {protocol.max_new_tokens} new tokens exceed the model's "
+                          f"max_position_embeddings={limit_pos}", stacklevel=2)
+
+    own_pool = pool is None and main and bool(pending)
+    if own_pool:
+        pool = GraderPool(grade_workers, grade_timeout_s)
+    bar = None
+    if progress and main and pending:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pending), desc="eval", dynamic_ncols=True)
+    try:
+        for name, items in todo.items():
+            path = out / f"{name}.jsonl"
+            for start in range(0, len(items), batch_prompts):
+                batch = items[start:start + batch_prompts]
+                # 3. SAMPLE: one fixed [batch_prompts, width] shape; filler rows repeat the first prompt.
+                seqs = [it["ids"] for it in batch] + [batch[0]["ids"]] * (batch_prompts - len(batch))
+                ids_PxT, mask_PxT = left_pad(seqs, width, pad_id)
+                ids_PxT, mask_PxT = jnp.asarray(ids_PxT), jnp.asarray(mask_PxT)
+                if mesh is not None:
+                    ids_PxT = jax.device_put(ids_PxT, batch_sharding(mesh, ids_PxT.shape))
+                    mask_PxT = jax.device_put(mask_PxT, batch_sharding(mesh, mask_PxT.shape))
+                rollout = sample_jit(graphdef, state, ids_PxT, mask_PxT, jax.random.key(0), config=config, mesh=mesh)
+                tokens_PxR, lengths_P = _to_host(rollout.tokens), _to_host(rollout.lengths)  # host sync
+                if not main:
+                    continue
+                # 4. GRADE
+                n = len(batch)
+                token_rows = [tokens_PxR[i, :lengths_P[i]].tolist() for i in range(n)]
+                texts = tokenizer.batch_decode(token_rows, skip_special_tokens=True)
+                finished = [bool(row) and row[-1] in stops for row in token_rows]
+                records = grade_records(batch, texts, lengths_P[:n].tolist(), finished, pool)
+                # 5. WRITE the whole batch at once.
+                with path.open("a", encoding="utf-8") as handle:
+                    handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                done[name].update((r["index"], r) for r in records)
+                if bar is not None:
+                    bar.update(n)
+    finally:
+        if bar is not None:
+            bar.close()
+        if own_pool and pool is not None:
+            pool.close()
+
+    if not main:
+        return None
+    # 6. SUMMARISE
+    summary = summarize({name: [done[name][i] for i in sorted(done[name])] for name in benchmarks},
+                        label=label, protocol=protocol)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "summary.md").write_text(markdown_table(summary))
+    return summary
