@@ -313,7 +313,8 @@ def main() -> None:
 
     print(f"jax {jax.__version__}, {jax.devices()[0].platform} x1 device, float32; {PROMPTS} prompts x {GROUP} "
           f"responses x {NEW_TOKENS} new tokens, prompts <= {MAX_PROMPT} tokens, KL {KL_COEF}; "
-          f"{warmup} warm-up + {steps} timed steps per configuration", flush=True)
+          f"{warmup} warm-up + {steps} timed steps per configuration; 1-min load average (2 shared cores): "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
     goals = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
@@ -336,6 +337,7 @@ def main() -> None:
                 print(f"{label}: running Tunix ...", flush=True)
                 tunix = run_tunix(checkpoint, prompts, warmup, steps, timeout_s=600)
             goals[label] = print_shape(title, ours, tunix)
+            print(f"1-min load average (2 shared cores): {os.getloadavg()[0]:.1f}", flush=True)
     print_goals(goals)
 
 
