@@ -256,6 +256,7 @@ def evaluate(
     cfg = protocol.data_section()
     done: dict[str, dict[int, dict[str, Any]]] = {}
     todo: dict[str, list[dict[str, Any]]] = {}
+    width, largest = 0, 0
     for name, rows in benchmarks.items():
         rows = list(rows)[:limit]
         path = out / f"{name}.jsonl"
@@ -264,28 +265,29 @@ def evaluate(
             if index < len(rows) and record.get("problem") != rows[index]["problem"]:
                 raise EvalError(f"{path}: item {index} is not the problem of this benchmark's row {index};"
                                 " the folder belongs to another data set")
-        flags = _from_main(np.asarray([i in done[name] for i in range(len(rows))], bool))
-        todo[name] = [{"index": i, "problem": row["problem"], "answer": row["answer"],
-                       "prompt": format_prompt(row["problem"], tokenizer, cfg)}
-                      for i, row in enumerate(rows) if not flags[i]]
         if main:  # records of rows beyond `limit` stay on disk but are not counted
             done[name] = {i: r for i, r in done[name].items() if i < len(rows)}
-
+        flags = _from_main(np.asarray([i in done[name] for i in range(len(rows))], bool))
+        prompts = [format_prompt(row["problem"], tokenizer, cfg) for row in rows]
+        ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if rows else []
+        todo[name] = [{"index": i, "problem": row["problem"], "answer": row["answer"], "prompt": prompt,
+                       "ids": list(seq)}
+                      for i, (row, prompt, seq) in enumerate(zip(rows, prompts, ids)) if not flags[i]]
+        # The sampler's shape comes from every selected row, done or not: a resumed run reuses
+        # the compilation of the first.
+        width = max([width, *map(len, ids)])
+        largest = max(largest, len(rows))
+    width = -(-width // _WIDTH_QUANTUM) * _WIDTH_QUANTUM
+    # No bigger batches than the largest benchmark needs (filler rows cost as much as real ones).
+    batch_prompts = min(batch_prompts, max(largest, 1))
+    if mesh is not None:  # every batch device gets the same number of prompts
+        per = mesh.shape["data"] * mesh.shape["fsdp"]
+        batch_prompts = -(-batch_prompts // per) * per
     pending = [item for items in todo.values() for item in items]
-    if pending:
-        ids = tokenizer([item["prompt"] for item in pending], add_special_tokens=False)["input_ids"]
-        for item, seq in zip(pending, ids):
-            item["ids"] = list(seq)
-        width = -(-max(map(len, ids)) // _WIDTH_QUANTUM) * _WIDTH_QUANTUM
-        # No bigger batches than the largest benchmark needs (filler rows cost as much as real ones).
-        batch_prompts = min(batch_prompts, max(len(items) for items in todo.values()))
-        if mesh is not None:  # every batch device gets the same number of prompts
-            per = mesh.shape["data"] * mesh.shape["fsdp"]
-            batch_prompts = -(-batch_prompts // per) * per
-        limit_pos = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
-        if limit_pos and width + protocol.max_new_tokens > limit_pos:
-            warnings.warn(f"prompts of up to {width} tokens + {protocol.max_new_tokens} new tokens exceed the model's "
-                          f"max_position_embeddings={limit_pos}", stacklevel=2)
+    limit_pos = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+    if pending and limit_pos and width + protocol.max_new_tokens > limit_pos:
+        warnings.warn(f"prompts of up to {width} tokens + {protocol.max_new_tokens} new tokens exceed the model's "
+                      f"max_position_embeddings={limit_pos}", stacklevel=2)
 
     own_pool = pool is None and main and bool(pending)
     if own_pool:

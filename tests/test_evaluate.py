@@ -47,17 +47,18 @@ def _records(path: pathlib.Path) -> dict[int, dict]:
     return {r["index"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
-def _run(checkpoint, shared_dir, out, monkeypatch, *extra) -> tuple[int, CountingSampler]:
+def _run(shared_dir, out, monkeypatch, *extra) -> tuple[int, CountingSampler]:
+    """ktae-eval on the shipped tiny model, counting sampler calls."""
     counter = CountingSampler(ev.sample_jit)
     monkeypatch.setattr(ev, "sample_jit", counter)
-    rc = eval_main(["--checkpoint", str(checkpoint), "--benchmarks", ",".join(BENCHMARKS),
+    rc = eval_main(["--checkpoint", "tiny", "--benchmarks", ",".join(BENCHMARKS),
                     "--data-dir", str(shared_dir / "eval"), "--out", str(out), "--max-new-tokens", str(NEW_TOKENS),
                     "--batch-prompts", "2", "--workers", "1", "--no-progress", *extra])
     monkeypatch.setattr(ev, "sample_jit", counter.inner)
     return rc, counter
 
 
-def _hf_greedy(checkpoint: pathlib.Path, prompts: list[str]) -> list[tuple[str, int]]:
+def _hf_greedy(checkpoint: pathlib.Path, prompts: list[str], new_tokens: int = NEW_TOKENS) -> list[tuple[str, int]]:
     """(text, new tokens) of transformers' own greedy generate, one prompt at a time, no padding."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -71,7 +72,7 @@ def _hf_greedy(checkpoint: pathlib.Path, prompts: list[str]) -> list[tuple[str, 
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=NEW_TOKENS, eos_token_id=tokenizer.eos_token_id,
+                                 max_new_tokens=new_tokens, eos_token_id=tokenizer.eos_token_id,
                                  pad_token_id=tokenizer.pad_token_id)
         new = gen[0, ids.shape[1]:].tolist()
         out.append((tokenizer.decode(new, skip_special_tokens=True), len(new)))
@@ -88,9 +89,11 @@ def _parse_table(markdown: str) -> dict[str, dict[str, str]]:
     return {"header": header[1:], **rows}
 
 
-def test_cli_writes_records_and_table_and_resumes(checkpoint, shared_dir, tmp_path, monkeypatch):
+def test_cli_writes_records_and_table_and_resumes(shared_dir, tmp_path, monkeypatch, capsys):
+    from ktae_jax.tiny import base_checkpoint_path
+
     out = tmp_path / "eval"
-    rc, counter = _run(checkpoint, shared_dir, out, monkeypatch, "--limit", "2")
+    rc, counter = _run(shared_dir, out, monkeypatch, "--limit", "2")
     assert rc == 0
     # 8 simulated devices: a batch is rounded up to 8 prompts, so each benchmark is one call.
     assert counter.calls == len(BENCHMARKS)
@@ -105,14 +108,15 @@ def test_cli_writes_records_and_table_and_resumes(checkpoint, shared_dir, tmp_pa
         for i, rec in recs.items():
             assert set(rec) == FIELDS
             assert rec["problem"] == rows[i]["problem"] and rec["reference"] == rows[i]["answer"]
-            assert system.split()[0] in rec["prompt"] and rec["prompt"].rstrip().endswith("assistant")
+            assert system in rec["prompt"] and rec["prompt"].index(system) < rec["prompt"].index(rows[i]["problem"])
             assert 1 <= rec["length"] <= NEW_TOKENS
             assert rec["extracted"] == ev.extract_boxed(rec["response"])
         records[name] = recs
 
     # Greedy responses equal transformers' greedy generate (an independent implementation).
     sample = [records[name][i] for name in ("math500", "minerva_math") for i in (0, 1)]
-    for rec, (text, length) in zip(sample, _hf_greedy(checkpoint, [r["prompt"] for r in sample])):
+    hf = _hf_greedy(base_checkpoint_path(), [r["prompt"] for r in sample])
+    for rec, (text, length) in zip(sample, hf):
         assert (rec["response"], rec["length"]) == (text, length)
 
     # The table: the paper's column order, numbers recomputed from the records.
@@ -136,7 +140,7 @@ def test_cli_writes_records_and_table_and_resumes(checkpoint, shared_dir, tmp_pa
     before = {name: (out / f"{name}.jsonl").read_bytes() for name in BENCHMARKS}
 
     # RESUME 1: nothing left to do -> no sampling, files unchanged.
-    rc, counter = _run(checkpoint, shared_dir, out, monkeypatch, "--limit", "2")
+    rc, counter = _run(shared_dir, out, monkeypatch, "--limit", "2")
     assert rc == 0 and counter.calls == 0
     assert {name: (out / f"{name}.jsonl").read_bytes() for name in BENCHMARKS} == before
 
@@ -144,12 +148,12 @@ def test_cli_writes_records_and_table_and_resumes(checkpoint, shared_dir, tmp_pa
     path = out / "math500.jsonl"
     lines = before["math500"].splitlines(keepends=True)
     path.write_bytes(lines[0] + lines[1][: len(lines[1]) // 2])
-    rc, counter = _run(checkpoint, shared_dir, out, monkeypatch, "--limit", "2")
+    rc, counter = _run(shared_dir, out, monkeypatch, "--limit", "2")
     assert rc == 0 and counter.calls == 1
     assert _records(path) == records["math500"]
 
     # RESUME 3: a larger --limit samples only the new items, one call per benchmark.
-    rc, counter = _run(checkpoint, shared_dir, out, monkeypatch, "--limit", "3")
+    rc, counter = _run(shared_dir, out, monkeypatch, "--limit", "3")
     assert rc == 0 and counter.calls == len(BENCHMARKS)
     for name in BENCHMARKS:
         recs = _records(out / f"{name}.jsonl")
@@ -158,8 +162,10 @@ def test_cli_writes_records_and_table_and_resumes(checkpoint, shared_dir, tmp_pa
     assert json.loads((out / "summary.json").read_text())["average"]["items"] == 3 * len(BENCHMARKS)
 
     # Another protocol in the same folder is refused, naming the setting.
-    rc, counter = _run(checkpoint, shared_dir, out, monkeypatch, "--limit", "2", "--max-new-tokens", "9")
+    capsys.readouterr()
+    rc, counter = _run(shared_dir, out, monkeypatch, "--limit", "2", "--max-new-tokens", "9")
     assert rc == 1 and counter.calls == 0
+    assert "max_new_tokens=8, not 9" in capsys.readouterr().err
 
 
 def test_grading_of_hand_written_responses(shared_dir, pool):
@@ -204,12 +210,15 @@ def test_evaluate_in_training_form(checkpoint, pool, tmp_path):
     rows = [{"problem": "what is 2 plus 3 ?", "answer": "5"}, {"problem": "what is 1 plus 1 ?", "answer": ["2"]},
             {"problem": "what is 3 times 3 ?", "answer": 9}]
     graphdef, params = nnx.split(model)
-    summary = ev.evaluate((graphdef, params), tokenizer, {"val": rows}, out_dir=tmp_path, max_new_tokens=4,
+    summary = ev.evaluate((graphdef, params), tokenizer, {"val": rows}, out_dir=tmp_path, max_new_tokens=NEW_TOKENS,
                           batch_prompts=4, pool=pool, progress=False)
     recs = _records(tmp_path / "val.jsonl")
     assert sorted(recs) == [0, 1, 2] and summary["benchmarks"]["val"]["items"] == 3
     assert summary["benchmarks"]["val"]["accuracy"] == np.mean([r["correct"] for r in recs.values()])
-    assert all(r["length"] == 4 or r["finished"] for r in recs.values())
+    # Unsharded here (the CLI test runs on 8 devices): the same greedy tokens as transformers.
+    hf = _hf_greedy(checkpoint, [recs[i]["prompt"] for i in range(3)])
+    assert [(recs[i]["response"], recs[i]["length"]) for i in range(3)] == hf
+    assert all(r["finished"] or r["length"] == NEW_TOKENS for r in recs.values())
     assert set(ev.validation_metrics(summary)) == {"eval/val/accuracy", "eval/val/mean_length", "eval/accuracy",
                                                    "eval/mean_length"}
 
