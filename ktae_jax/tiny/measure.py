@@ -90,3 +90,55 @@ def measure_styles(
         scores = grade_batch(texts, [p["answer"] for p in problems])
         out[mode] = style_report(texts, scores, lengths)
     return out
+
+
+def opener_key_scores(
+    model: Transformer, tokenizer: Any, task: TaskConfig, *, prompts: int = 64, group_size: int = 8, seed: int = 2,
+) -> dict:
+    """KTAE key scores of the two style openers in groups of `group_size` temperature-1 rollouts.
+
+    Only groups with both correct and wrong rollouts carry a signal (KTAE scores 0 elsewhere);
+    the means are over those groups where the opener occurs. Also reports GRPO's view: the
+    mean group-normalised advantage of rollouts opening with each style.
+    """
+    from ktae_jax.ktae import KTAEConfig, key_token_scores
+
+    problems = make_problems(prompts, seed=seed, config=task, split="train")
+    encoded = [tokenizer(prompt_text(tokenizer, p["problem"]), add_special_tokens=False)["input_ids"] for p in problems]
+    width = max(map(len, encoded))
+    ids = np.full((prompts, width), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((prompts, width), np.int32)
+    for i, p in enumerate(encoded):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    config = SamplingConfig(
+        max_new_tokens=max_response_tokens(tokenizer, task), eos_ids=(tokenizer.eos_token_id,),
+        pad_id=tokenizer.pad_token_id, num_samples=group_size,
+    )
+    out = jax.device_get(sample(model, ids, mask, jax.random.key(seed), config))
+    texts = [tokenizer.decode(out.tokens[i, : out.lengths[i]].tolist(), skip_special_tokens=True)
+             for i in range(prompts * group_size)]
+    rewards_N = np.asarray(grade_batch(texts, [p["answer"] for p in problems for _ in range(group_size)]))
+    opener_ids = {s: tokenizer.convert_tokens_to_ids(o) for s, o in (("reliable", "Sum:"), ("shortcut", "Guess:"))}
+    keys: dict[str, list[float]] = {s: [] for s in opener_ids}
+    advs: dict[str, list[float]] = {s: [] for s in opener_ids}
+    styles = np.asarray([response_style(t) for t in texts])
+    for g in range(prompts):
+        rows = slice(g * group_size, (g + 1) * group_size)
+        r = rewards_N[rows]
+        if r.min() == r.max():
+            continue
+        key_V = np.asarray(key_token_scores(out.tokens[rows], out.mask[rows], r, vocab_size=len(tokenizer),
+                                            config=KTAEConfig()))
+        adv = (r - r.mean()) / (r.std() + 1e-6)
+        for s, tid in opener_ids.items():
+            present = styles[rows] == s
+            if present.any():
+                keys[s].append(float(key_V[tid]))
+                advs[s].extend(adv[present].tolist())
+    return {
+        "groups": prompts, "mixed_groups": sum(1 for g in range(prompts)
+                                               if np.ptp(rewards_N[g * group_size:(g + 1) * group_size]) > 0),
+        "accuracy": float(rewards_N.mean()),
+        "key_score": {s: float(np.mean(v)) if v else None for s, v in keys.items()},
+        "grpo_advantage": {s: float(np.mean(v)) if v else None for s, v in advs.items()},
+    }
