@@ -19,11 +19,17 @@ def _auto_detected() -> bool:
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> bool:
-    """Start `jax.distributed` when this is one of several processes; returns whether it did."""
+    """Start `jax.distributed` when this is one of several processes; returns whether it did.
+
+    Must run before any other JAX call. On CPU, cross-process collectives go through gloo.
+    """
     coordinator = coordinator or os.environ.get("KTAE_COORDINATOR")
     num_processes = num_processes or (int(os.environ["KTAE_NUM_PROCESSES"]) if "KTAE_NUM_PROCESSES" in os.environ else None)
     if process_id is None and "KTAE_PROCESS_ID" in os.environ:
         process_id = int(os.environ["KTAE_PROCESS_ID"])
+    if coordinator or _auto_detected():
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator:
         if num_processes is None or process_id is None:
             raise ValueError("a coordinator address needs the process count and this process's id too")

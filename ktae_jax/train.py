@@ -171,7 +171,11 @@ class Trainer:
             estimator=cfg.algo.estimator, mesh=mesh)
 
     def _put(self, *arrays):
-        return [jax.device_put(np.asarray(x), self.batch_sharding(np.asarray(x))) for x in arrays]
+        """Host arrays (the same on every process) -> global arrays split over the batch devices."""
+        placed = []
+        for x in map(np.asarray, arrays):
+            placed.append(jax.make_array_from_callback(x.shape, self.batch_sharding(x), lambda index, x=x: x[index]))
+        return placed
 
     # ------------------------------------------------------------------ one step
     def _sample(self, prompts: PromptBatch, key) -> tuple[np.ndarray, ...]:
@@ -183,7 +187,7 @@ class Trainer:
             ids, mask = self._put(prompts.ids[start:start + chunk], prompts.mask[start:start + chunk])
             rollout = sample_jit(self.graphdef, self.state.params, ids, mask, jax.random.fold_in(key, i),
                                  config=self.sampling, mesh=self.mesh)
-            parts.append(jax.device_get((rollout.tokens, rollout.mask, rollout.policy_logp, rollout.lengths)))  # host sync
+            parts.append(to_host((rollout.tokens, rollout.mask, rollout.policy_logp, rollout.lengths)))  # host sync
         return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
     def _grade_async(self, prompts: PromptBatch, resp_NxR: np.ndarray, lengths_N: np.ndarray):
@@ -192,30 +196,38 @@ class Trainer:
         references = [a for a in prompts.answers for _ in range(self.cfg.rollout.group_size)]
         return texts, references, self.pool.submit(texts, references)
 
-    def _generate(self, prompts: PromptBatch, key) -> Rollouts:
-        """SAMPLE + GRADE one batch of prompts."""
+    def _generate(self, prompts: PromptBatch, key, *, while_grading=None):
+        """SAMPLE + GRADE one batch of prompts. `while_grading(tokens, attn, sampler_logp)` is called
+        after the grading is submitted and before its result is awaited: device work it dispatches
+        (JAX dispatch is asynchronous) overlaps the host grading. Returns (rollouts, its result)."""
+        t = time.perf_counter()
         resp, resp_mask, logp, lengths = self._sample(prompts, key)
+        self._times["time/sample_s"] += time.perf_counter() - t
         texts, references, future = self._grade_async(prompts, resp, lengths)
         G = self.cfg.rollout.group_size
         tokens = np.concatenate([np.repeat(prompts.ids, G, axis=0), resp], axis=1)
         attn = np.concatenate([np.repeat(prompts.mask, G, axis=0), resp_mask], axis=1)
+        overlapped = while_grading(tokens, attn, logp) if while_grading is not None else None
+        t = time.perf_counter()
         graded = future.result()  # host sync: rewards are needed from here on
+        self._times["time/grade_wait_s"] += time.perf_counter() - t
         rewards = compute_rewards(graded.scores, lengths, self.reward_cfg, responses=texts, references=references)
-        return Rollouts(tokens, attn, resp, resp_mask, logp, np.asarray(rewards, np.float32),
-                        np.asarray(graded.scores, np.float32), lengths, graded.metrics())
+        rollouts = Rollouts(tokens, attn, resp, resp_mask, logp, np.asarray(rewards, np.float32),
+                            np.asarray(graded.scores, np.float32), lengths, graded.metrics())
+        return rollouts, overlapped
 
     def _collect(self, step_key) -> tuple[Rollouts, dict[str, float]]:
         """PROMPTS, SAMPLE, GRADE and (DAPO) FILTER until the step's batch is full."""
         cfg = self.cfg
         P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
         if not cfg.algo.dynamic_sampling:
-            return self._generate(self._next_prompts(), jax.random.fold_in(step_key, 0)), {}
+            return self._generate(self._next_prompts(), jax.random.fold_in(step_key, 0))[0], {}
         kept: list[Rollouts] = []
         dropped: list[Rollouts] = []
         n_kept = 0
         rounds = 0
         while n_kept < P and rounds < cfg.algo.max_num_gen_batches:
-            batch = self._generate(self._next_prompts(), jax.random.fold_in(step_key, rounds))
+            batch, _ = self._generate(self._next_prompts(), jax.random.fold_in(step_key, rounds))
             rounds += 1
             per_group = batch.rewards_N.reshape(-1, G)
             mixed = per_group.max(1) > per_group.min(1)
@@ -232,32 +244,46 @@ class Trainer:
         except StopIteration as err:
             raise TrainingError(str(err)) from None
 
+    def _old_and_ref_logprobs(self, tokens, attn, sampler_logp):
+        if self.cfg.algo.recompute_old_logprobs:
+            old_logp, _ = self._logprobs(self.state.params, tokens, attn)
+        else:
+            (old_logp,) = self._put(sampler_logp)
+        if self.ref_params is None:  # kl_coef = 0: no reference pass at all
+            return old_logp, jnp.zeros_like(old_logp)
+        return old_logp, self._logprobs(self.ref_params, tokens, attn)[0]
+
     def step(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
-        times: dict[str, float] = {}
+        self._times = times = {"time/sample_s": 0.0, "time/grade_wait_s": 0.0}
         t0 = time.perf_counter()
         step_key = jax.random.fold_in(self.state.rng, step)
-        batch, dyn_metrics = self._collect(step_key)
-        times["time/sample_grade_s"] = time.perf_counter() - t0
+
+        def logprobs_while_grading(tokens_np, attn_np, sampler_logp):
+            tokens, attn = self._put(tokens_np, attn_np)
+            return (tokens, attn, *self._old_and_ref_logprobs(tokens, attn, sampler_logp))
+
+        if cfg.algo.dynamic_sampling:  # the filter needs the rewards first: no overlap
+            batch, dyn_metrics = self._collect(step_key)
+            tokens, attn, old_logp, ref_logp = logprobs_while_grading(batch.tokens_NxT, batch.attn_NxT,
+                                                                      batch.sampler_logp_NxR)
+        else:
+            dyn_metrics = {}
+            batch, (tokens, attn, old_logp, ref_logp) = self._generate(
+                self._next_prompts(), jax.random.fold_in(step_key, 0), while_grading=logprobs_while_grading)
+        t = time.perf_counter()
+        jax.block_until_ready((old_logp, ref_logp))
+        times["time/logprobs_wait_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        tokens, attn, resp, resp_mask, rewards = self._put(batch.tokens_NxT, batch.attn_NxT, batch.resp_NxR,
-                                                           batch.resp_mask_NxR, batch.rewards_N)
+        resp, resp_mask, rewards = self._put(batch.resp_NxR, batch.resp_mask_NxR, batch.rewards_N)
         adv = self._advantages(resp, resp_mask, rewards, ktae=self.ktae)
         times["time/advantages_s"] = _block(adv, t)
 
         t = time.perf_counter()
-        if cfg.algo.recompute_old_logprobs:
-            old_logp, _ = self._logprobs(self.state.params, tokens, attn)
-        else:
-            (old_logp,) = self._put(batch.sampler_logp_NxR)
-        ref_logp = self._logprobs(self.ref_params, tokens, attn)[0] if self.ref_params is not None else jnp.zeros_like(old_logp)
-        times["time/logprobs_s"] = _block(ref_logp, t)
-
-        t = time.perf_counter()
         update = UpdateBatch(tokens, attn, resp_mask, adv, old_logp, ref_logp)
         self.state, metrics = self._train_step(self.state, update)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # host sync: NaN check, logging
+        metrics = {k: float(v) for k, v in to_host(metrics).items()}  # host sync: NaN check, logging
         times["time/update_s"] = time.perf_counter() - t
         times["time/step_s"] = time.perf_counter() - t0
 
@@ -284,12 +310,13 @@ class Trainer:
         rollout = rollout_advantages(rewards, group_size=self.cfg.rollout.group_size, estimator=self.cfg.algo.estimator)
         key = jnp.where(resp_mask > 0, adv - rollout[:, None], 0.0)
         k = self.cfg.run.ktae_top_tokens
-        top_ids, top_vals, low_ids, low_vals = jax.device_get(
+        top_ids, top_vals, low_ids, low_vals = to_host(
             strongest_key_tokens(resp, resp_mask, key, vocab_size=self.vocab_size, k=k))
         as_text = lambda ids, vals: [[self.tokenizer.decode([int(i)]), round(float(v), 4)]  # noqa: E731
                                      for i, v in zip(ids, vals) if math.isfinite(v)]
+        key_abs_mean = to_host(jnp.abs(key).sum() / jnp.maximum(resp_mask.sum(), 1))
         return {"ktae/top_positive": as_text(top_ids, top_vals), "ktae/top_negative": as_text(low_ids, low_vals),
-                "ktae/key_abs_mean": float(jnp.abs(key).sum() / jnp.maximum(resp_mask.sum(), 1))}
+                "ktae/key_abs_mean": float(key_abs_mean)}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int) -> None:
@@ -305,8 +332,11 @@ class Trainer:
         return latest
 
     def export(self) -> pathlib.Path:
-        model = nnx.merge(self.graphdef, self.state.params)
-        return save_pretrained(model, self.tokenizer, self.run_dir / "hf")
+        """The policy in Hugging Face format at run_dir/hf: gathered by every process, written by process 0."""
+        model = nnx.merge(self.graphdef, to_host(self.state.params))
+        if self.is_main:
+            save_pretrained(model, self.tokenizer, self.run_dir / "hf")
+        return self.run_dir / "hf"
 
     def close(self) -> None:
         self.checkpointer.close()
@@ -328,6 +358,18 @@ class Trainer:
         return (f"compiled train step memory per device: arguments {mb(analysis.argument_size_in_bytes)}, "
                 f"outputs {mb(analysis.output_size_in_bytes)}, temporaries {mb(analysis.temp_size_in_bytes)}, "
                 f"generated code {mb(analysis.generated_code_size_in_bytes)}")
+
+
+def to_host(tree):
+    """Device arrays -> NumPy, gathering the shards of other processes when there are several."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
 
 
 def _block(x, start: float) -> float:
@@ -379,7 +421,7 @@ def run(cfg: TrainConfig, *, max_steps: int | None = None, devices=None) -> dict
                 print(f"SIGTERM: checkpoint saved at step {step}; stopping")
                 break
         trainer.checkpointer.wait()
-        if cfg.run.export_hf and step >= cfg.run.max_steps and trainer.is_main:
+        if cfg.run.export_hf and step >= cfg.run.max_steps:
             trainer.export()
     finally:
         preemption.restore()

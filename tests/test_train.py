@@ -33,7 +33,7 @@ def test_cli_runs_logs_checkpoints_survives_sigterm_and_resumes(workspace, tmp_p
     checkpoint, data = workspace
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "ktae_jax.cli.train", *tiny_overrides(
-        checkpoint, data, run_dir, **{"run.max_steps": 40, "run.export_hf": True, "run.tensorboard": True,
+        checkpoint, data, run_dir, **{"run.max_steps": 1000, "run.export_hf": True, "run.tensorboard": True,
                                       "run.progress": True, "run.checkpoint_every": 100})]
     env = {**os.environ, "PYTHONPATH": str(TESTS), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -47,7 +47,7 @@ def test_cli_runs_logs_checkpoints_survives_sigterm_and_resumes(workspace, tmp_p
     assert "SIGTERM: checkpoint saved at step" in output and "compiled train step memory" in output
     assert "train:" in output  # the progress bar
     stopped = len(read_metrics(run_dir))
-    assert 1 <= stopped < 40 and (run_dir / "checkpoints" / str(stopped)).is_dir()
+    assert 1 <= stopped < 1000 and (run_dir / "checkpoints" / str(stopped)).is_dir()
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
 
     resumed = subprocess.run(args[:3] + ["--max-steps", str(stopped + 1)] + args[3:], env=env, capture_output=True,
@@ -57,7 +57,7 @@ def test_cli_runs_logs_checkpoints_survives_sigterm_and_resumes(workspace, tmp_p
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, stopped + 2))
     for key in ("reward/mean", "reward/accuracy", "response/length_mean", "response/length_max", "loss/kl",
-                "loss/entropy", "loss/clip_frac", "optim/grad_norm", "optim/lr", "time/sample_grade_s",
+                "loss/entropy", "loss/clip_frac", "optim/grad_norm", "optim/lr", "time/sample_s", "time/grade_wait_s",
                 "time/advantages_s", "time/update_s", "throughput/tokens_per_s", "reward/timeouts",
                 "ktae/top_positive", "ktae/top_negative", "response/truncated_frac"):
         assert key in metrics[-1], key
@@ -133,13 +133,13 @@ def test_dynamic_sampling_fills_the_batch_or_stops_at_its_limit(workspace, tmp_p
         G, P = 4, 8
         mixed = np.tile([0.0, 1.0, 0.0, 0.0], P)  # every group mixed
         rounds = iter([np.zeros(P * G), mixed.copy()])
-        monkeypatch.setattr(trainer, "_generate", lambda prompts, key: _fake_rollouts(next(rounds), G))
+        monkeypatch.setattr(trainer, "_generate", lambda prompts, key, **kw: (_fake_rollouts(next(rounds), G), None))
         batch, info = trainer._collect(jax.random.PRNGKey(0))
         assert info == {"dynamic/rounds": 2, "dynamic/mixed_groups": P, "dynamic/filled": 1.0}
         per_group = batch.rewards_N.reshape(-1, G)
         assert len(per_group) == P and np.all(per_group.max(1) > per_group.min(1))
 
-        monkeypatch.setattr(trainer, "_generate", lambda prompts, key: _fake_rollouts(np.ones(P * G), G))
+        monkeypatch.setattr(trainer, "_generate", lambda prompts, key, **kw: (_fake_rollouts(np.ones(P * G), G), None))
         batch, info = trainer._collect(jax.random.PRNGKey(0))
         assert info == {"dynamic/rounds": 3, "dynamic/mixed_groups": 0, "dynamic/filled": 0.0}
         assert batch.rewards_N.shape == (P * G,)  # still a full, static-shape batch
