@@ -31,7 +31,7 @@ def make_workspace(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
 
 def tiny_overrides(checkpoint: pathlib.Path, data: pathlib.Path, run_dir: pathlib.Path, **extra) -> list[str]:
     values = {
-        "model.path": str(checkpoint), "data.train_files": f"[{data}]", "data.max_prompt_len": 24,
+        "model.path": str(checkpoint), "data.train_files": f"[{data}]", "data.max_prompt_len": 32,
         "rollout.prompts_per_step": 8, "rollout.group_size": 4, "rollout.max_new_tokens": 6,
         "reward.custom_fn": "_train_helpers:digit_reward", "reward.num_workers": 1,
         "optim.lr": 1e-3, "optim.weight_decay": 0.0, "run.run_dir": str(run_dir), "run.max_steps": 4,
