@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ktae_jax.config import DataSection
 from ktae_jax.data import format_prompt, left_pad, read_rows
@@ -133,6 +133,15 @@ def _from_main(x: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+def _place(host: np.ndarray, mesh: Mesh | None, *, replicated: bool = False) -> jax.Array:
+    """A host array (the same on every process) on the mesh: batch-sharded, or replicated."""
+    if mesh is None:
+        return jnp.asarray(host)
+    sharding = NamedSharding(mesh, PartitionSpec()) if replicated else batch_sharding(mesh, host.shape)
+    # Each process fills only its own devices' slices; works on one host and on many.
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -251,6 +260,7 @@ def evaluate(
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     stops = tuple(stop_ids) if stop_ids is not None else (int(tokenizer.eos_token_id),)
     config = SamplingConfig(max_new_tokens=protocol.max_new_tokens, greedy=True, eos_ids=stops, pad_id=pad_id)
+    key = _place(np.asarray(jax.random.PRNGKey(0)), mesh, replicated=True)  # unused by greedy decoding
 
     # 1-2. SELECT and RESUME: the rows still to do (process 0 decides; the others follow).
     cfg = protocol.data_section()
@@ -304,12 +314,8 @@ def evaluate(
                 batch = items[start:start + batch_prompts]
                 # 3. SAMPLE: one fixed [batch_prompts, width] shape; filler rows repeat the first prompt.
                 seqs = [it["ids"] for it in batch] + [batch[0]["ids"]] * (batch_prompts - len(batch))
-                ids_PxT, mask_PxT = left_pad(seqs, width, pad_id)
-                ids_PxT, mask_PxT = jnp.asarray(ids_PxT), jnp.asarray(mask_PxT)
-                if mesh is not None:
-                    ids_PxT = jax.device_put(ids_PxT, batch_sharding(mesh, ids_PxT.shape))
-                    mask_PxT = jax.device_put(mask_PxT, batch_sharding(mesh, mask_PxT.shape))
-                rollout = sample_jit(graphdef, state, ids_PxT, mask_PxT, jax.random.key(0), config=config, mesh=mesh)
+                ids_PxT, mask_PxT = (_place(x, mesh) for x in left_pad(seqs, width, pad_id))
+                rollout = sample_jit(graphdef, state, ids_PxT, mask_PxT, key, config=config, mesh=mesh)
                 tokens_PxR, lengths_P = _to_host(rollout.tokens), _to_host(rollout.lengths)  # host sync
                 if not main:
                     continue

@@ -237,3 +237,37 @@ def test_errors_name_the_problem(checkpoint, shared_dir, tmp_path, capsys):
     (bad / "math500.jsonl").write_text('{"index": 0}\nnot json\n')
     with pytest.raises(ev.EvalError, match=r"math500.jsonl:2"):
         ev.read_records(bad / "math500.jsonl", repair=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_shard_the_evaluation(checkpoint, shared_dir, tmp_path):
+    """2 processes x 2 CPU devices (jax.distributed on 127.0.0.1): both sample, process 0 alone
+    grades and writes, and the records are transformers' greedy responses."""
+    import os
+    import subprocess
+    import sys
+
+    port, out = _free_port(), tmp_path / "eval"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    cmd = [sys.executable, "-m", "ktae_jax.cli.evaluate", "--checkpoint", str(checkpoint), "--benchmarks",
+           "aime24,minerva_math", "--data-dir", str(shared_dir / "eval"), "--out", str(out), "--limit", "3",
+           "--max-new-tokens", str(NEW_TOKENS), "--batch-prompts", "2", "--workers", "1", "--no-progress",
+           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    procs = [subprocess.Popen([*cmd, "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, output in zip(procs, outputs):
+        assert p.returncode == 0, output
+    assert "| accuracy (%) |" in outputs[0] and "| accuracy (%) |" not in outputs[1]
+    for name in ("aime24", "minerva_math"):
+        recs = _records(out / f"{name}.jsonl")
+        assert sorted(recs) == [0, 1, 2]
+        hf = _hf_greedy(checkpoint, [recs[i]["prompt"] for i in range(3)])
+        assert [(recs[i]["response"], recs[i]["length"]) for i in range(3)] == hf
