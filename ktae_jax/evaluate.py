@@ -12,7 +12,7 @@ The steps of `evaluate`:
                 run killed mid-write) is dropped.
   3. SAMPLE     batches of `batch_prompts` prompts, all left-padded to one width and the last batch
                 filled with copies, so one compiled sampler serves every batch       (device)
-  4. GRADE      the responses in the grader pool                                      (host)
+  4. GRADE      the responses in the grader pool, while the next batch samples         (host)
   5. WRITE      each batch's records appended to the JSONL at once: a kill loses one batch at most
   6. SUMMARISE  summary.json and summary.md (benchmarks as columns, like the paper's table)
 On several hosts every process samples (the batches are sharded over the mesh) and process 0
@@ -153,16 +153,22 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- grading (host)
-def grade_records(items: Sequence[dict[str, Any]], responses: Sequence[str], lengths: Sequence[int],
-                  finished: Sequence[bool], pool: GraderPool) -> list[dict[str, Any]]:
+def make_records(items: Sequence[dict[str, Any]], responses: Sequence[str], lengths: Sequence[int],
+                 finished: Sequence[bool], scores: Sequence[float]) -> list[dict[str, Any]]:
     """Per-item records for `responses` to `items` (rows with "index", "problem", "prompt", "answer")."""
-    result = pool.grade(list(responses), [item["answer"] for item in items])
     return [
         {"index": item["index"], "problem": item["problem"], "prompt": item["prompt"], "response": response,
          "extracted": extract_boxed(response), "reference": item["answer"], "correct": bool(score > 0),
          "length": int(length), "finished": bool(done)}
-        for item, response, length, done, score in zip(items, responses, lengths, finished, result.scores)
+        for item, response, length, done, score in zip(items, responses, lengths, finished, scores)
     ]
+
+
+def grade_records(items: Sequence[dict[str, Any]], responses: Sequence[str], lengths: Sequence[int],
+                  finished: Sequence[bool], pool: GraderPool) -> list[dict[str, Any]]:
+    """`make_records` with the scores of `pool` (the last `\\boxed{}` against the references)."""
+    scores = pool.grade(list(responses), [item["answer"] for item in items]).scores
+    return make_records(items, responses, lengths, finished, scores)
 
 
 # ---------------------------------------------------------------------- summary
@@ -307,32 +313,43 @@ def evaluate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(pending), desc="eval", dynamic_ncols=True)
+    # While the device samples batch b+1, the pool grades batch b (`submit` returns a future).
+    graded: tuple | None = None  # (benchmark, items, texts, lengths, finished, future) of batch b
+
+    def write(name: str, batch: list, texts: list, lengths: list, finished: list, future) -> None:
+        # 5. WRITE the whole batch at once: a kill loses at most one batch.
+        records = make_records(batch, texts, lengths, finished, future.result().scores)
+        with (out / f"{name}.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            handle.flush()
+            os.fsync(handle.fileno())
+        done[name].update((r["index"], r) for r in records)
+        if bar is not None:
+            bar.update(len(records))
+
     try:
         for name, items in todo.items():
-            path = out / f"{name}.jsonl"
             for start in range(0, len(items), batch_prompts):
                 batch = items[start:start + batch_prompts]
                 # 3. SAMPLE: one fixed [batch_prompts, width] shape; filler rows repeat the first prompt.
                 seqs = [it["ids"] for it in batch] + [batch[0]["ids"]] * (batch_prompts - len(batch))
                 ids_PxT, mask_PxT = (_place(x, mesh) for x in left_pad(seqs, width, pad_id))
-                rollout = sample_jit(graphdef, state, ids_PxT, mask_PxT, key, config=config, mesh=mesh)
+                rollout = sample_jit(graphdef, state, ids_PxT, mask_PxT, key, config=config, mesh=mesh)  # async
+                if graded is not None:
+                    write(*graded)
+                    graded = None
                 tokens_PxR, lengths_P = _to_host(rollout.tokens), _to_host(rollout.lengths)  # host sync
                 if not main:
                     continue
-                # 4. GRADE
+                # 4. GRADE (in the background)
                 n = len(batch)
                 token_rows = [tokens_PxR[i, :lengths_P[i]].tolist() for i in range(n)]
                 texts = tokenizer.batch_decode(token_rows, skip_special_tokens=True)
                 finished = [bool(row) and row[-1] in stops for row in token_rows]
-                records = grade_records(batch, texts, lengths_P[:n].tolist(), finished, pool)
-                # 5. WRITE the whole batch at once.
-                with path.open("a", encoding="utf-8") as handle:
-                    handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                done[name].update((r["index"], r) for r in records)
-                if bar is not None:
-                    bar.update(n)
+                future = pool.submit(texts, [it["answer"] for it in batch])
+                graded = (name, batch, texts, lengths_P[:n].tolist(), finished, future)
+        if graded is not None:
+            write(*graded)
     finally:
         if bar is not None:
             bar.close()
