@@ -16,8 +16,10 @@ Loads the same Hugging Face checkpoint (policy and frozen reference) into Tunix'
     update     rl_cluster.update_actor (loss, gradients, optimizer)
     step       start of one global step to the start of the next (everything the loop does)
 
-and prints one JSON object on the last line of stdout: per-step lists of these times, the first
-step (compilation) apart, and the mean response length.
+and prints one line "@@result {JSON}": per-step lists of these times, the first step
+(compilation) apart, and the mean response length. With --lockstep it waits for a "go" line on
+stdin before each step (announced by "@@ready i"), so that bench_step.py can interleave Tunix's
+steps with ours and machine load hits both alike; the waits are not counted.
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps")
     ap.add_argument("--beta", type=float, default=0.04, help="KL coefficient (> 0: a reference forward per step)")
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--lockstep", action="store_true",
+                    help='print "@@ready i" before each batch and wait for a "go" line on stdin')
     args = ap.parse_args()
 
     import jax
@@ -188,12 +192,27 @@ def main() -> None:
         return run_global_step(*a, **kw)
 
     learner._run_global_step = marked_step
+    waits = [0.0] * total  # lock-step: time spent waiting for "go" before batch i (inside step i, i >= 1)
+
+    def feed():
+        """The batches; in lock-step, each one only once the driver says "go" (Tunix pulls batch
+        i + 1 when step i is over, so "@@ready i+1" also says that step i is done)."""
+        for i, batch in enumerate(batches):
+            if args.lockstep:
+                start = time.perf_counter()
+                print(f"@@ready {i}", flush=True)
+                if sys.stdin.readline().strip() != "go":
+                    raise SystemExit("lock-step driver went away")
+                waits[i] = time.perf_counter() - start
+            yield batch
 
     # ------------------------------------------------------------------ train
-    learner.train(batches)
+    learner.train(feed())
     jax.block_until_ready(nnx.state(cluster.actor_trainer.model))
     end = time.perf_counter()
-    steps = [b - a for a, b in zip(starts, starts[1:] + [end])]
+    # Step i runs from its start to the next one's, less the wait for batch i (batch 0 is pulled
+    # before the first step starts).
+    steps = [b - a - (waits[i] if i else 0.0) for i, (a, b) in enumerate(zip(starts, starts[1:] + [end]))]
     if len(steps) != total:
         raise SystemExit(f"Tunix ran {len(steps)} global steps, expected {total}")
     phases = {k: v for k, v in timer.times.items() if v}
@@ -205,8 +224,7 @@ def main() -> None:
         "response_length_mean": float(np.mean(lengths[args.warmup:])) if lengths else None,
         "devices": [str(d) for d in devices],
     }
-    sys.stdout.flush()
-    print(json.dumps(result))
+    print("@@result " + json.dumps(result), flush=True)
 
 
 def _version(name: str) -> str:
