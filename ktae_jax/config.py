@@ -38,7 +38,7 @@ class DataSection:
     prompt_field: str = "problem"  # field holding the question
     answer_field: str = "answer"  # field holding the reference answer
     template: Literal["chat", "plain"] = "chat"  # chat: tokenizer's chat template with the system prompt
-    system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."  # "" = none
     max_prompt_len: int = 128  # prompt tokens (left-padded to this length)
     overlong_prompts: Literal["filter", "truncate"] = "filter"  # drop, or keep the last max_prompt_len tokens
     shuffle_seed: int = 0  # data order

@@ -71,10 +71,11 @@ def format_prompt(problem: str, tokenizer: Any, cfg: DataSection) -> str:
     """The prompt text for one problem (step 2)."""
     if cfg.template == "plain":
         return problem
-    messages = [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": problem}]
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    messages = system + [{"role": "user", "content": problem}]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return QWEN_CHAT_FALLBACK.format(system=cfg.system_prompt, user=problem)
+    return QWEN_CHAT_FALLBACK.format(system=cfg.system_prompt, user=problem)  # Qwen's format always has one
 
 
 @dataclasses.dataclass
