@@ -33,15 +33,17 @@ def _binomial_ok(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
 # ---------------------------------------------------------------------- generator
 def test_problems_answers_split_and_seeds():
     config = TaskConfig()
-    problems = make_problems(300, seed=3, config=config)
+    problems = make_problems(300, seed=3, config=config, split="test")
     for p in problems:
         terms = _terms(p["problem"])
         assert len(terms) == 3 and all(10 <= t <= 99 for t in terms)
         assert p["answer"] == str(sum(terms)) and isinstance(p["answer"], str)
         assert split_of(p["problem"]) == "test"
-    assert make_problems(300, seed=3, config=config) == problems
-    assert make_problems(300, seed=4, config=config) != problems
+    assert make_problems(300, seed=3, config=config, split="test") == problems
+    assert make_problems(300, seed=4, config=config, split="test") != problems
     train = {e["problem"] for e in make_sft_examples(2000, seed=0, config=config)}
+    train |= {p["problem"] for p in make_problems(2000, seed=0, config=config)}  # RL prompts: the default split
+    assert all(split_of(p) == "train" for p in train)
     assert not train & {p["problem"] for p in problems}  # held out means never trained on
 
 

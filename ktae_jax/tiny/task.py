@@ -76,9 +76,13 @@ def _draw_terms(rng: np.random.Generator, config: TaskConfig, split: Split) -> l
 
 
 def make_problems(
-    n: int, *, seed: int | None = None, config: TaskConfig = TaskConfig(), split: Split = "test",
+    n: int, *, seed: int | None = None, config: TaskConfig = TaskConfig(), split: Split = "train",
 ) -> list[dict]:
-    """`n` problems as dicts {"problem", "answer" (string), "terms"}; held-out ("test") by default."""
+    """`n` problems as dicts {"problem", "answer" (string), "terms"} from `split`.
+
+    RL prompts come from "train" (the default); evaluate on `split="test"`, which no training
+    data (supervised or RL) ever draws from.
+    """
     if n < 0:
         raise ValueError(f"n={n}: must be >= 0")
     rng = np.random.default_rng(config.seed if seed is None else seed)
