@@ -197,3 +197,18 @@ def test_shipped_base_uses_both_styles_and_scores_in_band():
     assert by_style["reliable"] - by_style["shortcut"] >= 0.3, by_style
     assert 0.25 <= sampled["accuracy"] <= 0.65, sampled
     assert 0.05 <= greedy["accuracy"] <= 0.95, greedy
+
+
+def test_ensure_base_keeps_a_complete_folder(tmp_path):
+    import shutil
+
+    from ktae_jax.tiny import ensure_base
+
+    assert ensure_base() == base_checkpoint_path()
+    copy = tmp_path / "base"
+    shutil.copytree(base_checkpoint_path(), copy)
+    before = {p.name: p.stat().st_mtime_ns for p in copy.iterdir()}
+    assert ensure_base(copy, progress=False) == copy  # complete: nothing is rebuilt
+    assert {p.name: p.stat().st_mtime_ns for p in copy.iterdir()} == before
+    (copy / "model.safetensors").unlink()
+    assert not is_complete(copy)
