@@ -1,25 +1,36 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
-PY ?= python3.11
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv on first use.
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+TESTDEPS := $(VENV)/.installed-test
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test bench clean
 
-$(STAMP): pyproject.toml
-	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
+
+# The package and its runtime dependencies (the demo needs nothing more).
+$(RUNTIME): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/pip install --quiet -e .
+	@touch $@
+
+# Plus the test extra (pytest, hypothesis, torch==2.13.0 CPU for the parity tests, ...).
+$(TESTDEPS): pyproject.toml $(RUNTIME)
 	$(VENV)/bin/pip install --quiet -e '.[test]'
-	@touch $(STAMP)
+	@touch $@
 
-setup: $(STAMP)
+setup: $(TESTDEPS)
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(VENV)/bin/python -m ktae_jax.demo
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q tests
+test: $(TESTDEPS)
+	$(VENV)/bin/python -m pytest -q tests
 
-bench: $(STAMP)
+bench: $(TESTDEPS)
 	$(VENV)/bin/python benchmarks/bench_ktae.py
 
 clean:

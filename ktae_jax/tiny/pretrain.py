@@ -54,6 +54,7 @@ class PretrainConfig:
     num_kv_heads: int = 2  # KV
     intermediate_size: int = 256  # F
     eval_problems: int = 1000  # held-out problems measured after training (0 = skip)
+    init_from: str = ""  # continue from this checkpoint folder instead of random weights ("" = from scratch)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -171,7 +172,12 @@ def train(config: PretrainConfig, tokenizer: Any, *, progress: bool = True) -> t
     examples = make_sft_examples(config.steps * config.batch_size, seed=config.seed, config=config.task)
     ids, mask, loss_mask = encode_examples(tokenizer, examples)
     # 2. MODEL
-    model = init_random(config.model_config(tokenizer), seed=config.seed)
+    if config.init_from:
+        from ktae_jax.models import load_pretrained
+
+        model, _ = load_pretrained(config.init_from)
+    else:
+        model = init_random(config.model_config(tokenizer), seed=config.seed)
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(config)
     opt_state = tx.init(params)
