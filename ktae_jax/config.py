@@ -128,6 +128,9 @@ class RunSection:
     wandb: bool = False  # also log to Weights & Biases (when installed)
     progress: bool = True  # a live progress bar on the console
     ktae_top_tokens: int = 5  # strongest positive / negative key tokens logged per step
+    eval_every: int = 0  # evaluate on eval_file every N steps (greedy, the paper's protocol); 0 = never
+    eval_file: str = ""  # validation JSONL / Parquet (fields data.prompt_field / data.answer_field)
+    eval_limit: int = 0  # first N validation items only; 0 = all
 
 
 SECTIONS: dict[str, type] = {
@@ -171,7 +174,8 @@ class TrainConfig:
                     "algo.ppo_epochs": a.ppo_epochs, "algo.max_num_gen_batches": a.max_num_gen_batches,
                     "run.max_steps": self.run.max_steps,
                     "run.checkpoint_every": self.run.checkpoint_every, "run.keep_checkpoints": self.run.keep_checkpoints}
-        non_negative = {"algo.mini_batch_prompts": a.mini_batch_prompts,
+        non_negative = {"algo.mini_batch_prompts": a.mini_batch_prompts, "run.eval_every": self.run.eval_every,
+                        "run.eval_limit": self.run.eval_limit,
                         "algo.micro_batch_per_device": a.micro_batch_per_device,
                         "rollout.sample_prompts_per_device": r.sample_prompts_per_device, "rollout.top_k": r.top_k,
                         "reward.overlong_buffer": self.reward.overlong_buffer, "optim.warmup_steps": self.optim.warmup_steps}
@@ -216,6 +220,8 @@ class TrainConfig:
         if r.prompts_per_step % self.sample_chunk_prompts(devices):
             raise ConfigError(f"rollout.sample_prompts_per_device={r.sample_prompts_per_device}: {devices} devices x "
                               f"{r.sample_prompts_per_device} does not divide rollout.prompts_per_step={r.prompts_per_step}")
+        if self.run.eval_every and not self.run.eval_file:
+            raise ConfigError("run.eval_every is set but run.eval_file is empty")
         return self
 
     def to_dict(self) -> dict[str, Any]:

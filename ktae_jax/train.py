@@ -342,6 +342,21 @@ class Trainer:
         self.checkpointer.close()
         self.pool.close()
 
+    def validate(self, step: int) -> dict[str, float]:
+        """Greedy evaluation on run.eval_file (per-item records under run_dir/eval/step_N)."""
+        from ktae_jax.data import read_rows
+        from ktae_jax.evaluate import Protocol, evaluate, validation_metrics
+
+        cfg = self.cfg
+        rows = read_rows(cfg.run.eval_file, cfg.data.prompt_field, cfg.data.answer_field)
+        protocol = Protocol(max_new_tokens=cfg.rollout.max_new_tokens, template=cfg.data.template,
+                            system_prompt=cfg.data.system_prompt)
+        summary = evaluate((self.graphdef, self.state.params), self.tokenizer, {"val": rows},
+                           out_dir=self.run_dir / "eval" / f"step_{step:06d}", max_new_tokens=protocol.max_new_tokens,
+                           batch_prompts=cfg.rollout.prompts_per_step, mesh=self.mesh, pool=self.pool,
+                           limit=cfg.run.eval_limit or None, stop_ids=self.stop_ids, protocol=protocol, progress=False)
+        return validation_metrics(summary) if summary else {}
+
     def _abstract_batch(self) -> UpdateBatch:
         cfg = self.cfg
         N, Tp, R = cfg.rollout.prompts_per_step * cfg.rollout.group_size, cfg.data.max_prompt_len, cfg.rollout.max_new_tokens
@@ -413,6 +428,8 @@ def run(cfg: TrainConfig, *, max_steps: int | None = None, devices=None) -> dict
                 raise TrainingError(f"step {step}: non-finite loss or gradient ({ {k: v for k, v in metrics.items() if k.startswith('loss/')} }); "
                                     f"stopping without saving this state (last checkpoint: "
                                     f"{trainer.checkpointer.latest_step()})")
+            if cfg.run.eval_every and step % cfg.run.eval_every == 0:
+                metrics.update(trainer.validate(step))
             logger.log(step, metrics)
             last = metrics
             if step % cfg.run.checkpoint_every == 0 or step == stop_at or preemption.requested:

@@ -170,3 +170,13 @@ def test_checkpoint_of_another_model_is_a_clear_error(workspace, tmp_path):
             trainer.restore_latest()
     finally:
         trainer.close()
+
+
+def test_validation_every_n_steps(workspace, tmp_path):
+    checkpoint, data = workspace
+    cfg = tiny_config(checkpoint, data, tmp_path / "val", **{"run.max_steps": 2, "run.eval_every": 2,
+                                                             "run.eval_file": str(data), "run.eval_limit": 8})
+    run(cfg)
+    metrics = read_metrics(tmp_path / "val")
+    assert "eval/accuracy" not in metrics[0] and 0.0 <= metrics[1]["eval/accuracy"] <= 1.0
+    assert len((tmp_path / "val" / "eval" / "step_000002" / "val.jsonl").read_text().splitlines()) == 8
