@@ -72,7 +72,7 @@ class AlgoSection:
     ppo_epochs: int = 1  # passes over each step's rollouts
     mini_batch_prompts: int = 0  # prompts per optimizer update; 0 = all of the step's prompts
     micro_batch_per_device: int = 0  # rollouts per device per gradient-accumulation slice; 0 = whole mini-batch
-    recompute_old_logprobs: bool = True  # old log-probs from a forward pass (else the sampler's)
+    recompute_old_logprobs: bool = True  # old log-probs from a forward pass, else the sampler's (one update per step needs neither)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, sample more
     max_num_gen_batches: int = 4  # dynamic sampling: sampling rounds per step at most
 

@@ -3,7 +3,8 @@
   SAMPLE      `sample.sample_jit`: G responses per prompt                         (device)
   GRADE       `rewards.GraderPool`                                                (host, bounded)
   ADVANTAGES  `advantages.token_advantages` (+ KTAE)                              (device)
-  LOG-PROBS   `response_logprobs`: old policy (recomputed) and frozen reference    (device)
+  LOG-PROBS   `response_logprobs`: old policy (recomputed, unless the step makes a single
+              update, when old = current) and the frozen reference                 (device)
   UPDATE      `train_step(state, batch) -> (state, metrics)`: `ppo_epochs` passes over
               mini-batches, each one optimizer update from gradients accumulated over
               micro-batches                                                       (device)
@@ -55,6 +56,11 @@ class UpdateSettings:
     num_microbatches: int
     temperature: float
 
+    @property
+    def on_policy(self) -> bool:
+        """One update per step: the old policy is the current one, so no old log-prob pass is needed."""
+        return self.algo.ppo_epochs == 1 and self.num_minibatches == 1
+
 
 def make_optimizer(cfg: OptimSection) -> optax.GradientTransformation:
     schedule = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps) if cfg.warmup_steps else optax.constant_schedule(cfg.lr)
@@ -101,7 +107,9 @@ def train_step(state: TrainState, batch: UpdateBatch, *, graphdef, tx: optax.Gra
         micro = UpdateBatch(*(constrain_batch(x, mesh) for x in micro))
         logp, entropy = response_logprobs(graphdef, params, micro.tokens_NxT, micro.attn_NxT,
                                           response_len=response_len, temperature=settings.temperature)
-        return policy_loss(logp, micro.old_logp_NxR, micro.ref_logp_NxR, micro.adv_NxR, micro.resp_mask_NxR, entropy,
+        # On-policy, old = current exactly (ratio 1, gradient of the ratio intact): skip that pass.
+        old_logp = jax.lax.stop_gradient(logp) if settings.on_policy else micro.old_logp_NxR
+        return policy_loss(logp, old_logp, micro.ref_logp_NxR, micro.adv_NxR, micro.resp_mask_NxR, entropy,
                            norm, clip_low=algo.clip_low, clip_high=algo.clip_high, clip_ratio_c=algo.clip_ratio_c,
                            kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, entropy_coef=algo.entropy_coef,
                            loss_agg=algo.loss_agg)

@@ -156,6 +156,7 @@ class Trainer:
         settings = UpdateSettings(algo=cfg.algo, num_minibatches=rows // mini_rows,
                                   num_microbatches=mini_rows // cfg.micro_batch_rollouts(self.batch_devices),
                                   temperature=cfg.rollout.temperature)
+        self.on_policy = settings.on_policy
         state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
         self.batch_sharding = lambda x: mesh_lib.batch_sharding(mesh, x.shape)  # noqa: E731
         train_step_jit = jax.jit(
@@ -245,7 +246,9 @@ class Trainer:
             raise TrainingError(str(err)) from None
 
     def _old_and_ref_logprobs(self, tokens, attn, sampler_logp):
-        if self.cfg.algo.recompute_old_logprobs:
+        if self.on_policy:  # the update uses the current policy's own log-probs as the old ones
+            (old_logp,) = self._put(np.zeros_like(sampler_logp))
+        elif self.cfg.algo.recompute_old_logprobs:
             old_logp, _ = self._logprobs(self.state.params, tokens, attn)
         else:
             (old_logp,) = self._put(sampler_logp)

@@ -126,13 +126,17 @@ class MLP(nnx.Module):
         self.up_bias = _param(None, (f,), ("mlp",), param_dtype, "zeros") if on else None
         self.down_bias = _param(None, (e,), ("embed",), param_dtype, "zeros") if on else None
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x_BxTxE: Array) -> Array:
         dt = self.dtype
+        # Matmuls on [B*T, E]: XLA on CPU runs the weight gradient of a 3-D `x @ W` (two
+        # contracting dimensions) about 3x slower than the same product on a 2-D operand.
+        x = x_BxTxE.reshape(-1, x_BxTxE.shape[-1])
         gate, up = x @ self.gate[...].astype(dt), x @ self.up[...].astype(dt)
         if self.gate_bias is not None:
             gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
         y = (jax.nn.silu(gate) * up) @ self.down[...].astype(dt)
-        return y + self.down_bias[...].astype(dt) if self.down_bias is not None else y
+        y = y + self.down_bias[...].astype(dt) if self.down_bias is not None else y
+        return y.reshape(x_BxTxE.shape)
 
 
 class Block(nnx.Module):
@@ -225,7 +229,9 @@ def init_random(config: ModelConfig, *, seed: int = 0, dtype=jnp.float32, comput
 
 
 def _chunk_logprobs(h_BxCxE: Array, w_VxE: Array, targets_BxC: Array, temperature: float) -> tuple[Array, Array]:
-    logits = jnp.einsum("bce,ve->bcv", h_BxCxE, w_VxE, preferred_element_type=jnp.float32) / temperature
+    b, c, e = h_BxCxE.shape  # 2-D matmul: a faster weight gradient on CPU (see MLP)
+    logits = jnp.einsum("ne,ve->nv", h_BxCxE.reshape(b * c, e), w_VxE, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, c, -1) / temperature
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets_BxC[..., None], axis=-1)[..., 0]
     entropy = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
