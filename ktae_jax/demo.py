@@ -47,39 +47,15 @@ def evaluate_policy(folder: pathlib.Path, problems: list[dict], out_dir: pathlib
 def sampled_accuracy(folder: pathlib.Path, problems: list[dict], cfg, pool, *, seed: int = 0,
                      batch_prompts: int = 250) -> dict:
     """One temperature-1 sample per problem, graded: the policy's own success rate and style mix."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from ktae_jax.data import format_prompt, left_pad
-    from ktae_jax.models import eos_token_ids, load_pretrained
-    from ktae_jax.sample import SamplingConfig, sample_jit
-    from ktae_jax.tiny.task import response_style
+    from ktae_jax.models import load_pretrained
+    from ktae_jax.tiny.measure import generate, style_report
 
     model, tokenizer = load_pretrained(folder)
-    stops = eos_token_ids(folder, model.config, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    texts = [format_prompt(p["problem"], tokenizer, cfg.data) for p in problems]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    width = max(map(len, encoded))
-    config = SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0, eos_ids=stops, pad_id=pad)
-    graphdef, state = nnx.split(model)
-    responses, lengths = [], []
-    for start in range(0, len(encoded), batch_prompts):
-        chunk = encoded[start:start + batch_prompts]
-        chunk = chunk + [chunk[-1]] * (batch_prompts - len(chunk))  # one shape: one compilation
-        ids, mask = left_pad(chunk, width, pad)
-        out = sample_jit(graphdef, state, ids, mask, jax.random.fold_in(jax.random.PRNGKey(seed), start),
-                         config=config)
-        tokens, n = np.asarray(out.tokens), np.asarray(out.lengths)
-        keep = min(batch_prompts, len(encoded) - start)
-        responses += tokenizer.batch_decode([row[:k] for row, k in zip(tokens[:keep].tolist(), n[:keep])],
-                                            skip_special_tokens=True)
-        lengths += n[:keep].tolist()
-    scores = pool.grade(responses, [p["answer"] for p in problems]).scores
-    styles = [response_style(r) for r in responses]
-    return {"accuracy": float(np.mean(scores)), "mean_length": float(np.mean(lengths)),
-            "reliable_share": styles.count("reliable") / len(styles)}
+    texts, lengths = generate(model, tokenizer, [p["problem"] for p in problems], greedy=False, seed=seed,
+                              max_new_tokens=cfg.rollout.max_new_tokens, batch_size=batch_prompts)
+    report = style_report(texts, pool.grade(texts, [p["answer"] for p in problems]).scores, lengths)
+    return {"accuracy": report["accuracy"], "mean_length": report["mean_length"],
+            "reliable_share": report["mix"]["reliable"]}
 
 
 def train_wall_time(run_dir: pathlib.Path) -> float:

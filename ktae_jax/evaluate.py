@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ktae_jax.config import DataSection
 from ktae_jax.data import format_prompt, left_pad, read_rows
-from ktae_jax.mesh import batch_sharding
+from ktae_jax.mesh import batch_sharding, place, to_host
 from ktae_jax.rewards import GraderPool, extract_boxed
 from ktae_jax.sample import SamplingConfig, sample_jit
 
@@ -139,17 +139,7 @@ def _place(host: np.ndarray, mesh: Mesh | None, *, replicated: bool = False) -> 
     """A host array (the same on every process) on the mesh: batch-sharded, or replicated."""
     if mesh is None:
         return jnp.asarray(host)
-    sharding = NamedSharding(mesh, PartitionSpec()) if replicated else batch_sharding(mesh, host.shape)
-    # Each process fills only its own devices' slices; works on one host and on many.
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    if jax.process_count() == 1:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return place(host, NamedSharding(mesh, PartitionSpec()) if replicated else batch_sharding(mesh, host.shape))
 
 
 # ---------------------------------------------------------------------- grading (host)
@@ -338,7 +328,7 @@ def evaluate(
                 if graded is not None:
                     write(*graded)
                     graded = None
-                tokens_PxR, lengths_P = _to_host(rollout.tokens), _to_host(rollout.lengths)  # host sync
+                tokens_PxR, lengths_P = to_host((rollout.tokens, rollout.lengths))  # host sync
                 if not main:
                     continue
                 # 4. GRADE (in the background)

@@ -150,3 +150,23 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     state = nnx.state(model)
     nnx.update(model, jax.device_put(state, state_shardings(state, mesh)))
     return model
+
+
+def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds whole -> a global array laid out by `sharding`.
+
+    Each process fills only its own devices' slices, so this works on one host and on many.
+    """
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(tree: Any) -> Any:
+    """Device arrays -> NumPy, gathering the shards of other processes when there are several."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)

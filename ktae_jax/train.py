@@ -173,10 +173,7 @@ class Trainer:
 
     def _put(self, *arrays):
         """Host arrays (the same on every process) -> global arrays split over the batch devices."""
-        placed = []
-        for x in map(np.asarray, arrays):
-            placed.append(jax.make_array_from_callback(x.shape, self.batch_sharding(x), lambda index, x=x: x[index]))
-        return placed
+        return [mesh_lib.place(x, self.batch_sharding(x)) for x in map(np.asarray, arrays)]
 
     # ------------------------------------------------------------------ one step
     def _sample(self, prompts: PromptBatch, key) -> tuple[np.ndarray, ...]:
@@ -188,7 +185,7 @@ class Trainer:
             ids, mask = self._put(prompts.ids[start:start + chunk], prompts.mask[start:start + chunk])
             rollout = sample_jit(self.graphdef, self.state.params, ids, mask, jax.random.fold_in(key, i),
                                  config=self.sampling, mesh=self.mesh)
-            parts.append(to_host((rollout.tokens, rollout.mask, rollout.policy_logp, rollout.lengths)))  # host sync
+            parts.append(mesh_lib.to_host((rollout.tokens, rollout.mask, rollout.policy_logp, rollout.lengths)))  # host sync
         return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
     def _grade_async(self, prompts: PromptBatch, resp_NxR: np.ndarray, lengths_N: np.ndarray):
@@ -286,7 +283,7 @@ class Trainer:
         t = time.perf_counter()
         update = UpdateBatch(tokens, attn, resp_mask, adv, old_logp, ref_logp)
         self.state, metrics = self._train_step(self.state, update)
-        metrics = {k: float(v) for k, v in to_host(metrics).items()}  # host sync: NaN check, logging
+        metrics = {k: float(v) for k, v in mesh_lib.to_host(metrics).items()}  # host sync: NaN check, logging
         times["time/update_s"] = time.perf_counter() - t
         times["time/step_s"] = time.perf_counter() - t0
 
@@ -313,11 +310,11 @@ class Trainer:
         rollout = rollout_advantages(rewards, group_size=self.cfg.rollout.group_size, estimator=self.cfg.algo.estimator)
         key = jnp.where(resp_mask > 0, adv - rollout[:, None], 0.0)
         k = self.cfg.run.ktae_top_tokens
-        top_ids, top_vals, low_ids, low_vals = to_host(
+        top_ids, top_vals, low_ids, low_vals = mesh_lib.to_host(
             strongest_key_tokens(resp, resp_mask, key, vocab_size=self.vocab_size, k=k))
         as_text = lambda ids, vals: [[self.tokenizer.decode([int(i)]), round(float(v), 4)]  # noqa: E731
                                      for i, v in zip(ids, vals) if math.isfinite(v)]
-        key_abs_mean = to_host(jnp.abs(key).sum() / jnp.maximum(resp_mask.sum(), 1))
+        key_abs_mean = mesh_lib.to_host(jnp.abs(key).sum() / jnp.maximum(resp_mask.sum(), 1))
         return {"ktae/top_positive": as_text(top_ids, top_vals), "ktae/top_negative": as_text(low_ids, low_vals),
                 "ktae/key_abs_mean": float(key_abs_mean)}
 
@@ -336,7 +333,7 @@ class Trainer:
 
     def export(self) -> pathlib.Path:
         """The policy in Hugging Face format at run_dir/hf: gathered by every process, written by process 0."""
-        model = nnx.merge(self.graphdef, to_host(self.state.params))
+        model = nnx.merge(self.graphdef, mesh_lib.to_host(self.state.params))
         if self.is_main:
             save_pretrained(model, self.tokenizer, self.run_dir / "hf")
         return self.run_dir / "hf"
@@ -376,18 +373,6 @@ class Trainer:
         return (f"compiled train step memory per device: arguments {mb(analysis.argument_size_in_bytes)}, "
                 f"outputs {mb(analysis.output_size_in_bytes)}, temporaries {mb(analysis.temp_size_in_bytes)}, "
                 f"generated code {mb(analysis.generated_code_size_in_bytes)}")
-
-
-def to_host(tree):
-    """Device arrays -> NumPy, gathering the shards of other processes when there are several."""
-    from jax.experimental import multihost_utils
-
-    def one(x):
-        if not isinstance(x, jax.Array) or x.is_fully_addressable:
-            return np.asarray(jax.device_get(x))
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    return jax.tree.map(one, tree)
 
 
 def _block(x, start: float) -> float:
