@@ -3,7 +3,7 @@
   SAMPLE      `sample.sample_jit`: G responses per prompt                         (device)
   GRADE       `rewards.GraderPool`                                                (host, bounded)
   ADVANTAGES  `advantages.token_advantages` (+ KTAE)                              (device)
-  LOG-PROBS   `response_logprobs`: old policy (recomputed, unless the step makes a single
+  LOG-PROBS   `rollout_logprobs`: old policy (recomputed, unless the step makes a single
               update, when old = current) and the frozen reference                 (device)
   UPDATE      `train_step(state, batch) -> (state, metrics)`: `ppo_epochs` passes over
               mini-batches, each one optimizer update from gradients accumulated over
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -26,7 +27,7 @@ from flax import nnx, struct
 from ktae_jax.config import AlgoSection, OptimSection
 from ktae_jax.loss import Normalisers, policy_loss
 from ktae_jax.mesh import constrain_batch
-from ktae_jax.models import token_logprobs
+from ktae_jax.models import response_logprobs
 
 
 class TrainState(struct.PyTreeNode):
@@ -55,11 +56,16 @@ class UpdateSettings:
     num_minibatches: int
     num_microbatches: int
     temperature: float
+    group_size: int = 1  # consecutive rows that share a prompt (1: assume none do)
 
     @property
     def on_policy(self) -> bool:
         """One update per step: the old policy is the current one, so no old log-prob pass is needed."""
         return self.algo.ppo_epochs == 1 and self.num_minibatches == 1
+
+    def layout(self, mesh=None) -> "Layout":
+        devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        return Layout(self.num_minibatches, self.num_microbatches, self.group_size, devices)
 
 
 def make_optimizer(cfg: OptimSection) -> optax.GradientTransformation:
@@ -73,40 +79,98 @@ def learning_rate(cfg: OptimSection, update: int) -> float:
     return cfg.lr * min(1.0, update / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
 
-def response_logprobs(graphdef, params, tokens_NxT, attn_NxT, *, response_len: int, temperature: float):
-    """(logp, entropy) of the last `response_len` columns: [N, R] each."""
+def _split_rollouts(micro: UpdateBatch, response_len: int, rows_per_prompt: int):
+    """A micro-batch's prompts (one per `rows_per_prompt` consecutive rows) and responses."""
+    tp = micro.tokens_NxT.shape[1] - response_len
+    n = micro.tokens_NxT.shape[0]
+    first_rows = lambda x: x[:, :tp].reshape(n // rows_per_prompt, rows_per_prompt, tp)[:, 0]  # noqa: E731
+    return (first_rows(micro.tokens_NxT), first_rows(micro.attn_NxT),
+            micro.tokens_NxT[:, tp:], micro.attn_NxT[:, tp:])
+
+
+def micro_logprobs(graphdef, params, tokens_NxT, attn_NxT, *, response_len: int, rows_per_prompt: int,
+                   temperature: float):
+    """(logp, entropy) [N, R] of the last `response_len` columns; each prompt (the first Tp columns,
+    the same in each run of `rows_per_prompt` rows) is computed once and shared by its rows."""
     model = nnx.merge(graphdef, params)
-    logp, entropy = token_logprobs(model, tokens_NxT, attn_NxT, temperature=temperature)
-    return logp[:, -response_len:], entropy[:, -response_len:]
+    batch = UpdateBatch(tokens_NxT, attn_NxT, *(None,) * 4)
+    return response_logprobs(model, *_split_rollouts(batch, response_len, rows_per_prompt), temperature=temperature)
 
 
-def _slices(x, num_minibatches: int, num_microbatches: int):
-    """[N, ...] -> [minibatches, microbatches, rows, ...] by striding, so each device keeps its own rows.
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which rollouts share a mini-batch and a micro-batch, as reshapes of the step's N rows.
 
-    Row r goes to mini-batch r mod M, and within it to micro-batch (r div M) mod U: which rollouts
-    share a mini-batch depends on neither the micro-batching nor the mesh, and device-contiguous
-    row blocks stay device-local. (The update does not care which rollouts share a mini-batch:
-    advantages are already computed.)
+    Mini-batches take whole groups, by striding (group g -> mini-batch g mod M): which rollouts
+    share a mini-batch depends on neither the micro-batching nor the mesh. Within a mini-batch,
+    each batch device's block of rows (whole groups when `mini_batch_prompts` is a multiple of the
+    batch devices) is cut into U contiguous micro-batch pieces, so each device keeps its own rows
+    and a micro-batch holds runs of rows of one prompt: `rows_per_prompt` of them share its
+    computation (`micro_logprobs`). Groups are G consecutive rows, as the sampler makes them.
     """
-    def stride(x, parts):  # [n, ...] -> [parts, n / parts, ...], part p = rows p, p + parts, ...
-        return jnp.moveaxis(x.reshape(x.shape[0] // parts, parts, *x.shape[1:]), 1, 0)
 
-    minibatches = stride(x, num_minibatches)
-    return jax.vmap(lambda mini: stride(mini, num_microbatches))(minibatches)
+    num_minibatches: int
+    num_microbatches: int
+    group_size: int
+    batch_devices: int
+
+    def _shape(self, n: int) -> tuple[int, int, int, int, int]:
+        m, u, g, d = self.num_minibatches, self.num_microbatches, self.group_size, self.batch_devices
+        if n % (g * m) or n % (m * u * d):
+            raise ValueError(f"{n} rollouts do not split into {m} mini-batches of whole groups of {g} "
+                             f"x {u} micro-batches x {d} batch devices")
+        return m, u, d, n // (m * u * d), g
+
+    def split(self, x: jax.Array) -> jax.Array:
+        """[N, ...] -> [M, U, N / (M U), ...]"""
+        m, u, d, c, g = self._shape(x.shape[0])
+        rest = x.shape[1:]
+        x = jnp.moveaxis(x.reshape(x.shape[0] // (g * m), m, g, *rest), 1, 0)  # [M, groups, G, ...]
+        x = x.reshape(m, d, u, c, *rest).swapaxes(1, 2)  # device blocks, each cut into U pieces
+        return x.reshape(m, u, d * c, *rest)
+
+    def merge(self, x: jax.Array) -> jax.Array:
+        """The inverse of `split`: [M, U, N / (M U), ...] -> [N, ...]"""
+        m, u, d, c, g = self._shape(x.shape[0] * x.shape[1] * x.shape[2])
+        rest = x.shape[3:]
+        x = x.reshape(m, u, d, c, *rest).swapaxes(1, 2).reshape(m, -1, g, *rest)
+        return jnp.moveaxis(x, 0, 1).reshape(-1, *rest)
+
+    def rows_per_prompt(self, n: int) -> int:
+        """How many consecutive rows of a micro-batch piece on one device surely share a prompt."""
+        return math.gcd(self.group_size, self._shape(n)[3])
+
+
+def rollout_logprobs(graphdef, params, tokens_NxT, attn_NxT, *, response_len: int, temperature: float,
+                     layout: Layout, mesh=None):
+    """(logp, entropy) [N, R] of every rollout, one micro-batch at a time (the update's memory bound)."""
+    n = tokens_NxT.shape[0]
+
+    def one(micro):
+        tokens, attn = (constrain_batch(x, mesh) for x in micro)
+        return micro_logprobs(graphdef, params, tokens, attn, response_len=response_len,
+                              rows_per_prompt=layout.rows_per_prompt(n), temperature=temperature)
+
+    micro_batches = lambda x: layout.split(x).reshape(-1, n // (layout.num_minibatches * layout.num_microbatches),  # noqa: E731
+                                                      *x.shape[1:])
+    logp, entropy = jax.lax.map(one, (micro_batches(tokens_NxT), micro_batches(attn_NxT)))
+    shape = (layout.num_minibatches, layout.num_microbatches, *logp.shape[1:])
+    return tuple(constrain_batch(layout.merge(x.reshape(shape)), mesh) for x in (logp, entropy))
 
 
 def train_step(state: TrainState, batch: UpdateBatch, *, graphdef, tx: optax.GradientTransformation,
                settings: UpdateSettings, mesh=None) -> tuple[TrainState, dict[str, jax.Array]]:
     """`ppo_epochs` x mini-batches optimizer updates on one step's rollouts; pure."""
     algo = settings.algo
-    M, U = settings.num_minibatches, settings.num_microbatches
-    sliced = UpdateBatch(*(_slices(x, M, U) for x in batch))
+    layout = settings.layout(mesh)
+    sliced = UpdateBatch(*(layout.split(x) for x in batch))
     response_len = batch.resp_mask_NxR.shape[1]
+    rows_per_prompt = layout.rows_per_prompt(batch.resp_mask_NxR.shape[0])
 
     def micro_loss(params, micro: UpdateBatch, norm: Normalisers):
         micro = UpdateBatch(*(constrain_batch(x, mesh) for x in micro))
-        logp, entropy = response_logprobs(graphdef, params, micro.tokens_NxT, micro.attn_NxT,
-                                          response_len=response_len, temperature=settings.temperature)
+        logp, entropy = micro_logprobs(graphdef, params, micro.tokens_NxT, micro.attn_NxT, response_len=response_len,
+                                       rows_per_prompt=rows_per_prompt, temperature=settings.temperature)
         # On-policy, old = current exactly (ratio 1, gradient of the ratio intact): skip that pass.
         old_logp = jax.lax.stop_gradient(logp) if settings.on_policy else micro.old_logp_NxR
         return policy_loss(logp, old_logp, micro.ref_logp_NxR, micro.adv_NxR, micro.resp_mask_NxR, entropy,

@@ -38,7 +38,7 @@ from ktae_jax.metrics import MetricsLogger
 from ktae_jax.models import ModelConfig, eos_token_ids, init_random, load_pretrained, load_tokenizer, save_pretrained
 from ktae_jax.rewards import GraderPool, RewardConfig, compute_rewards
 from ktae_jax.sample import SamplingConfig, sample_jit
-from ktae_jax.step import (TrainState, UpdateBatch, UpdateSettings, learning_rate, make_optimizer, response_logprobs,
+from ktae_jax.step import (TrainState, UpdateBatch, UpdateSettings, learning_rate, make_optimizer, rollout_logprobs,
                            strongest_key_tokens, train_step)
 
 
@@ -155,7 +155,7 @@ class Trainer:
         mini_rows = cfg.mini_batch_prompts * cfg.rollout.group_size
         settings = UpdateSettings(algo=cfg.algo, num_minibatches=rows // mini_rows,
                                   num_microbatches=mini_rows // cfg.micro_batch_rollouts(self.batch_devices),
-                                  temperature=cfg.rollout.temperature)
+                                  temperature=cfg.rollout.temperature, group_size=cfg.rollout.group_size)
         self.on_policy = settings.on_policy
         state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
         self.batch_sharding = lambda x: mesh_lib.batch_sharding(mesh, x.shape)  # noqa: E731
@@ -164,9 +164,10 @@ class Trainer:
             out_shardings=(state_sharding, None), donate_argnums=0)
         # Compiled ahead of time, once: `memory_report` reads this very executable.
         self._train_step = train_step_jit.lower(self.state, self._abstract_batch()).compile()
-        self._logprobs = jax.jit(functools.partial(response_logprobs, self.graphdef,
+        self._logprobs = jax.jit(functools.partial(rollout_logprobs, self.graphdef,
                                                    response_len=cfg.rollout.max_new_tokens,
-                                                   temperature=cfg.rollout.temperature))
+                                                   temperature=cfg.rollout.temperature, layout=settings.layout(mesh),
+                                                   mesh=mesh))
         self._advantages = functools.partial(
             token_advantages, group_size=cfg.rollout.group_size, vocab_size=self.vocab_size,
             estimator=cfg.algo.estimator, mesh=mesh)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from ktae_jax.config import AlgoSection, OptimSection
 from ktae_jax.models import ModelConfig, init_random
-from ktae_jax.step import TrainState, UpdateBatch, UpdateSettings, make_optimizer, response_logprobs, train_step
+from ktae_jax.step import TrainState, UpdateBatch, UpdateSettings, make_optimizer, micro_logprobs, train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +29,7 @@ def test_on_policy_update_equals_the_recomputed_one():
     attn = jnp.ones((N, Tp + R), jnp.int32)
     resp_mask = jnp.asarray(np.arange(R)[None] < rng.integers(1, R + 1, (N, 1)), jnp.int32)
     adv = jnp.asarray(rng.normal(size=(N, R)), jnp.float32) * resp_mask
-    old, _ = response_logprobs(graphdef, params, tokens, attn, response_len=R, temperature=1.0)
+    old, _ = micro_logprobs(graphdef, params, tokens, attn, response_len=R, rows_per_prompt=1, temperature=1.0)
     batch = UpdateBatch(tokens, attn, resp_mask, adv, old, jnp.zeros_like(old))
     tx = make_optimizer(OptimSection(lr=1e-2))
     algo = AlgoSection(clip_low=0.2, clip_high=0.28)

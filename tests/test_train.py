@@ -112,8 +112,11 @@ def test_one_device_and_eight_devices_agree(workspace, tmp_path):
     assert m1["reward/mean"] == m8["reward/mean"]  # the same greedy-independent samples and rewards
     for key in ("loss/total", "loss/pg", "loss/kl", "optim/grad_norm"):
         assert m1[key] == pytest.approx(m8[key], rel=1e-4, abs=1e-6), key
+    # Adam's first update is lr * g / (|g| + eps): a parameter whose gradient is near eps moves by a
+    # rounding-sensitive fraction of lr (1e-3), so a rare element may differ by a few % of lr.
     for x, y in zip(p1, p8):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-5)
+        assert np.mean(~np.isclose(x, y, rtol=1e-4, atol=1e-6)) < 1e-3
 
 
 def _fake_rollouts(rewards, G, R=3):

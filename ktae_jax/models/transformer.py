@@ -241,31 +241,38 @@ def _chunk_logprobs(h_BxCxE: Array, w_VxE: Array, targets_BxC: Array, temperatur
     return picked - lse, entropy
 
 
-def token_logprobs(
-    model: Transformer, tokens_BxT: Array, attention_mask_BxT: Array, *,
-    temperature: float = 1.0, chunk: int = 256,
-) -> tuple[Array, Array]:
-    """(logp_BxT, entropy_BxT): log p(tokens[t] | tokens[<t]) and the entropy of that distribution.
+def _head_logprobs(model: Transformer, h_prev_BxNxE: Array, targets_BxN: Array, temperature: float,
+                   chunk: int) -> tuple[Array, Array]:
+    """(logp, entropy) [B, N] of `targets` under the logits of the hidden states that precede them.
 
-    Position 0, padded positions and each row's first real token (no context) get 0. Logits are made `chunk` positions at a time under
-    `jax.checkpoint`, so a float32 [B, T, V] array never exists at once, forward or backward.
+    Logits are made `chunk` positions at a time under `jax.checkpoint`, so a float32 [B, N, V]
+    array never exists at once, forward or backward.
     """
-    b, t = tokens_BxT.shape
-    h, _ = model.hidden(tokens_BxT, attention_mask_BxT)
-    h_prev, targets = h[:, :-1], tokens_BxT[:, 1:]
-    n = t - 1
+    b, n = targets_BxN.shape
     chunk = max(1, min(chunk, n))
     pad = (-n) % chunk
-    h_prev = jnp.pad(h_prev, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    h_prev = jnp.pad(h_prev_BxNxE, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets_BxN, ((0, 0), (0, pad)))
     num_chunks = (n + pad) // chunk
     h_chunks = h_prev.reshape(b, num_chunks, chunk, -1).swapaxes(0, 1)
     t_chunks = targets.reshape(b, num_chunks, chunk).swapaxes(0, 1)
     w = model.output_embedding().astype(model.dtype)
     fn = jax.checkpoint(lambda args: _chunk_logprobs(args[0], w, args[1], temperature))
     logp, ent = jax.lax.map(fn, (h_chunks, t_chunks))
-    logp = logp.swapaxes(0, 1).reshape(b, -1)[:, :n]
-    ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :n]
+    return logp.swapaxes(0, 1).reshape(b, -1)[:, :n], ent.swapaxes(0, 1).reshape(b, -1)[:, :n]
+
+
+def token_logprobs(
+    model: Transformer, tokens_BxT: Array, attention_mask_BxT: Array, *,
+    temperature: float = 1.0, chunk: int = 256,
+) -> tuple[Array, Array]:
+    """(logp_BxT, entropy_BxT): log p(tokens[t] | tokens[<t]) and the entropy of that distribution.
+
+    Position 0, padded positions and each row's first real token (no context) get 0.
+    """
+    b, _ = tokens_BxT.shape
+    h, _ = model.hidden(tokens_BxT, attention_mask_BxT)
+    logp, ent = _head_logprobs(model, h[:, :-1], tokens_BxT[:, 1:], temperature, chunk)
     real = attention_mask_BxT.astype(bool)
     keep = real[:, 1:] & real[:, :-1]  # a real target predicted from a real token
     zero = jnp.zeros((b, 1), jnp.float32)
@@ -273,3 +280,34 @@ def token_logprobs(
         jnp.concatenate([zero, jnp.where(keep, logp, 0.0)], axis=1),
         jnp.concatenate([zero, jnp.where(keep, ent, 0.0)], axis=1),
     )
+
+
+def response_logprobs(
+    model: Transformer, prompt_ids_PxTp: Array, prompt_mask_PxTp: Array, response_ids_NxR: Array,
+    response_mask_NxR: Array, *, temperature: float = 1.0, chunk: int = 256,
+) -> tuple[Array, Array]:
+    """(logp_NxR, entropy_NxR) of N = P x k responses, k consecutive rows per (left-padded) prompt.
+
+    Each prompt is run once and its keys/values are shared by its k responses, as in sampling: the
+    same numbers as `token_logprobs` on the concatenated rows (up to rounding) for about
+    P*Tp + N*R tokens of work instead of N*(Tp + R), and logits only at response positions.
+    Gradients reach the prompt's computation through the shared keys/values. Response tokens that
+    are padding (or follow padding) get 0.
+    """
+    p, tp = prompt_ids_PxTp.shape
+    n, r = response_ids_NxR.shape
+    if n % p:
+        raise ValueError(f"{n} responses cannot be split evenly over {p} prompts")
+    k = n // p
+    cache = init_cache(model.config, p, tp + r, model.dtype)
+    h_prompt, cache = model.hidden(prompt_ids_PxTp, prompt_mask_PxTp, cache=cache)
+    rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
+    cache = KVCache(tuple(map(rep, cache.k)), tuple(map(rep, cache.v)), rep(cache.key_mask), cache.index)
+    h_resp, _ = model.hidden(response_ids_NxR, response_mask_NxR, cache=cache)
+    # Token j is predicted from position j - 1: the prompt's last (left padding: always real) for j = 0.
+    h_prev = jnp.concatenate([rep(h_prompt[:, -1:]), h_resp[:, :-1]], axis=1)
+    logp, ent = _head_logprobs(model, h_prev, response_ids_NxR, temperature, chunk)
+    real = response_mask_NxR.astype(bool)
+    prev_real = jnp.concatenate([rep(prompt_mask_PxTp[:, -1:]).astype(bool), real[:, :-1]], axis=1)
+    keep = real & prev_real
+    return jnp.where(keep, logp, 0.0), jnp.where(keep, ent, 0.0)
