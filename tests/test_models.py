@@ -16,7 +16,8 @@ from flax import nnx
 from _model_helpers import hf_logits, left_padded_batch, make_hf_checkpoint
 from ktae_jax.mesh import MeshConfig, batch_sharding, make_mesh
 from ktae_jax.models import (
-    CheckpointError, ModelConfig, init_cache, init_random, load_pretrained, save_pretrained, token_logprobs,
+    CheckpointError, ModelConfig, init_cache, init_random, load_pretrained, response_logprobs, save_pretrained,
+    token_logprobs,
 )
 from ktae_jax.models.safetensors_io import read_safetensors, write_safetensors
 
@@ -120,6 +121,49 @@ def test_token_logprobs_match_transformers_log_softmax(tmp_path):
     np.testing.assert_allclose(np.asarray(logp)[:, 1:][keep], want_logp[keep], atol=1e-4)
     np.testing.assert_allclose(np.asarray(ent)[:, 1:][keep], want_ent[keep], atol=1e-4)
     assert np.all(np.asarray(logp)[:, 0] == 0) and np.all(np.asarray(logp)[:, 1:][~keep] == 0)
+
+
+def _prompts_and_responses(vocab: int, k: int, seed: int):
+    """3 left-padded prompts, k responses each (random lengths, right-padded), and the concatenated rows."""
+    rng = np.random.default_rng(seed)
+    prompts, prompt_mask = left_padded_batch([7, 3, 5], vocab, seed=seed)
+    n, r = 3 * k, 5
+    lengths = rng.integers(1, r + 1, n)
+    resp_mask = (np.arange(r)[None] < lengths[:, None]).astype(np.int32)
+    resp = np.where(resp_mask > 0, rng.integers(6, vocab, (n, r)), 0).astype(np.int32)
+    rows = np.concatenate([np.repeat(prompts, k, 0), resp], 1), np.concatenate([np.repeat(prompt_mask, k, 0), resp_mask], 1)
+    return prompts, prompt_mask, resp, resp_mask, rows
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_response_logprobs_share_prompts_and_match_transformers(tmp_path, k):
+    folder = make_hf_checkpoint(tmp_path, "qwen2")
+    model, _ = load_pretrained(folder)
+    prompts, prompt_mask, resp, resp_mask, (ids, mask) = _prompts_and_responses(96, k, seed=6)
+    logp, ent = jax.jit(lambda *a: response_logprobs(model, *a, chunk=2))(prompts, prompt_mask, resp, resp_mask)
+    ref = torch.log_softmax(torch.tensor(hf_logits(folder, ids, mask)), dim=-1).numpy()[:, -6:-1]  # predicts resp
+    keep = resp_mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(logp)[keep], np.take_along_axis(ref, resp[..., None], -1)[..., 0][keep],
+                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ent)[keep], -(np.exp(ref) * ref).sum(-1)[keep], atol=1e-4)
+    assert np.all(np.asarray(logp)[~keep] == 0) and np.all(np.asarray(ent)[~keep] == 0)
+
+    # The gradient through the shared prompt equals the gradient of the full rows, computed apart.
+    graphdef, state = nnx.split(model)
+    shared = lambda s: (response_logprobs(nnx.merge(graphdef, s), prompts, prompt_mask, resp, resp_mask)[0]  # noqa: E731
+                        * np.arange(1, 6)).sum()
+    full = lambda s: (token_logprobs(nnx.merge(graphdef, s), ids, mask)[0][:, -5:] * np.arange(1, 6)).sum()  # noqa: E731
+    g_shared, g_full = jax.jit(jax.grad(shared))(state), jax.jit(jax.grad(full))(state)
+    for a, b in zip(jax.tree.leaves(g_shared), jax.tree.leaves(g_full)):  # sums of many terms: relative to the leaf
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(jnp.abs(b).max()), rtol=0)
+
+
+def test_response_logprobs_rejects_uneven_groups():
+    cfg = ModelConfig(family="qwen2", vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=8)
+    ids = jnp.ones((2, 3), jnp.int32)
+    with pytest.raises(ValueError, match="5 responses cannot be split evenly over 2 prompts"):
+        response_logprobs(init_random(cfg), ids, ids, jnp.ones((5, 2), jnp.int32), jnp.ones((5, 2), jnp.int32))
 
 
 def test_bfloat16_close_to_float32(tmp_path):
