@@ -41,6 +41,7 @@ class DataSection:
     system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."  # "" = none
     max_prompt_len: int = 128  # prompt tokens (left-padded to this length)
     overlong_prompts: Literal["filter", "truncate"] = "filter"  # drop, or keep the last max_prompt_len tokens
+    trim_prompt_padding: bool = True  # per step, cut padding columns no prompt needs (bucketed widths)
     shuffle_seed: int = 0  # data order
     num_epochs: int = -1  # passes over the data; -1 = as many as the run needs
     tiny_train_size: int = 20000  # problems generated for train_files = ["tiny"]

@@ -92,6 +92,22 @@ class PromptBatch:
     answers: list[Any]  # references, as the dataset stores them
     problems: list[str]
 
+    def trimmed(self) -> "PromptBatch":
+        """Without the left-padding columns no prompt of the batch needs, to a bucket width (see
+        `bucket_width`): less prefill work and a smaller cache, at the price of one compilation
+        per width met."""
+        width = bucket_width(int(self.mask.sum(axis=1).max()), self.ids.shape[1])
+        return dataclasses.replace(self, ids=self.ids[:, -width:], mask=self.mask[:, -width:])
+
+
+def bucket_width(longest: int, limit: int) -> int:
+    """The smallest of 8, 12, 16, 24, 32, 48, ... (8 or 12 times a power of 2) that holds `longest`,
+    at most `limit`: few distinct widths (each one compiled once), and at most a third of them padding."""
+    width = 8
+    while width < longest:
+        width = width * 3 // 2 if width & (width - 1) == 0 else width * 4 // 3
+    return min(width, limit)
+
 
 def tokenize_prompts(rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: DataSection) -> tuple[list[dict], PromptStats]:
     """Steps 2 and 3 for every row: adds "ids" (a list of ints) and drops or truncates long prompts."""

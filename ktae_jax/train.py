@@ -92,7 +92,12 @@ class Rollouts:
         return Rollouts(**{k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in fields.items()})
 
     @staticmethod
-    def concat(parts: list["Rollouts"]) -> "Rollouts":
+    def concat(parts: list["Rollouts"], pad_id: int) -> "Rollouts":
+        """One batch of several; prompts of different trimmed widths are left-padded to the widest."""
+        width = max(p.tokens_NxT.shape[1] for p in parts)
+        left = lambda x, value: np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)  # noqa: E731
+        parts = [dataclasses.replace(p, tokens_NxT=left(p.tokens_NxT, pad_id), attn_NxT=left(p.attn_NxT, 0))
+                 for p in parts]
         fields = [f.name for f in dataclasses.fields(Rollouts) if f.name != "grade_metrics"]
         merged = {k: np.concatenate([getattr(p, k) for p in parts]) for k in fields}
         grade = {k: sum(p.grade_metrics.get(k, 0.0) for p in parts) for k in parts[0].grade_metrics}
@@ -159,11 +164,13 @@ class Trainer:
         self.on_policy = settings.on_policy
         state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
         self.batch_sharding = lambda x: mesh_lib.batch_sharding(mesh, x.shape)  # noqa: E731
-        train_step_jit = jax.jit(
+        self._train_step_jit = jax.jit(
             functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, settings=settings, mesh=mesh),
             out_shardings=(state_sharding, None), donate_argnums=0)
-        # Compiled ahead of time, once: `memory_report` reads this very executable.
-        self._train_step = train_step_jit.lower(self.state, self._abstract_batch()).compile()
+        # Compiled ahead of time, per prompt width (trimmed batches): the widest now, for
+        # `memory_report` (the worst case), the others when first met.
+        self._train_steps: dict[int, Any] = {}
+        self._train_step_for(cfg.data.max_prompt_len)
         self._logprobs = jax.jit(functools.partial(rollout_logprobs, self.graphdef,
                                                    response_len=cfg.rollout.max_new_tokens,
                                                    temperature=cfg.rollout.temperature, layout=settings.layout(mesh),
@@ -171,6 +178,12 @@ class Trainer:
         self._advantages = functools.partial(
             token_advantages, group_size=cfg.rollout.group_size, vocab_size=self.vocab_size,
             estimator=cfg.algo.estimator, mesh=mesh)
+
+    def _train_step_for(self, prompt_width: int):
+        if prompt_width not in self._train_steps:
+            self._train_steps[prompt_width] = self._train_step_jit.lower(
+                self.state, self._abstract_batch(prompt_width)).compile()
+        return self._train_steps[prompt_width]
 
     def _put(self, *arrays):
         """Host arrays (the same on every process) -> global arrays split over the batch devices."""
@@ -233,15 +246,16 @@ class Trainer:
             kept.append(batch.select_groups(np.flatnonzero(mixed), G))
             dropped.append(batch.select_groups(np.flatnonzero(~mixed), G))
             n_kept += int(mixed.sum())
-        merged = Rollouts.concat(kept + dropped)  # kept groups first; the rest only fill the batch
+        merged = Rollouts.concat(kept + dropped, self.pad_id)  # kept groups first; the rest only fill the batch
         batch = merged.select_groups(np.arange(P), G)
         return batch, {"dynamic/rounds": rounds, "dynamic/mixed_groups": n_kept, "dynamic/filled": float(n_kept >= P)}
 
     def _next_prompts(self) -> PromptBatch:
         try:
-            return next(self.data)
+            batch = next(self.data)
         except StopIteration as err:
             raise TrainingError(str(err)) from None
+        return batch.trimmed() if self.cfg.data.trim_prompt_padding else batch
 
     def _old_and_ref_logprobs(self, tokens, attn, sampler_logp):
         if self.on_policy:  # the update uses the current policy's own log-probs as the old ones
@@ -283,7 +297,8 @@ class Trainer:
 
         t = time.perf_counter()
         update = UpdateBatch(tokens, attn, resp_mask, adv, old_logp, ref_logp)
-        self.state, metrics = self._train_step(self.state, update)
+        train = self._train_step_for(tokens.shape[1] - cfg.rollout.max_new_tokens)
+        self.state, metrics = train(self.state, update)
         metrics = {k: float(v) for k, v in mesh_lib.to_host(metrics).items()}  # host sync: NaN check, logging
         times["time/update_s"] = time.perf_counter() - t
         times["time/step_s"] = time.perf_counter() - t0
@@ -358,16 +373,16 @@ class Trainer:
                            limit=cfg.run.eval_limit or None, stop_ids=self.stop_ids, protocol=protocol, progress=False)
         return validation_metrics(summary) if summary else {}
 
-    def _abstract_batch(self) -> UpdateBatch:
+    def _abstract_batch(self, prompt_width: int) -> UpdateBatch:
         cfg = self.cfg
-        N, Tp, R = cfg.rollout.prompts_per_step * cfg.rollout.group_size, cfg.data.max_prompt_len, cfg.rollout.max_new_tokens
+        N, Tp, R = cfg.rollout.prompts_per_step * cfg.rollout.group_size, prompt_width, cfg.rollout.max_new_tokens
         shape = lambda s, d: jax.ShapeDtypeStruct(s, d, sharding=mesh_lib.batch_sharding(self.mesh, s))  # noqa: E731
         return UpdateBatch(shape((N, Tp + R), jnp.int32), shape((N, Tp + R), jnp.int32), shape((N, R), jnp.int32),
                            shape((N, R), jnp.float32), shape((N, R), jnp.float32), shape((N, R), jnp.float32))
 
     def memory_report(self) -> str:
         """The compiled update's memory analysis (XLA's own numbers)."""
-        analysis = self._train_step.memory_analysis()
+        analysis = self._train_step_for(self.cfg.data.max_prompt_len).memory_analysis()
         if analysis is None:
             return "compiled train step: no memory analysis on this backend"
         mb = lambda n: f"{n / 2**20:.1f} MB"  # noqa: E731

@@ -9,7 +9,7 @@ import pytest
 from _model_helpers import make_tokenizer
 
 from ktae_jax.config import DataSection
-from ktae_jax.data import DataError, PromptData, format_prompt, read_rows
+from ktae_jax.data import DataError, PromptBatch, PromptData, bucket_width, format_prompt, read_rows
 
 
 def _write_jsonl(path, rows):
@@ -72,3 +72,26 @@ def test_length_policy_and_checkpointable_order(tmp_path):
     epoch1 = [next(fresh).problems[0] for _ in range(n)]
     epoch2 = [next(fresh).problems[0] for _ in range(n)]
     assert sorted(epoch1) == sorted(epoch2) and len(set(epoch1)) == n and epoch1 != epoch2
+
+
+def test_bucket_widths_are_few_and_hold_the_longest_prompt():
+    widths = {bucket_width(n, 1024) for n in range(1, 1025)}
+    assert sorted(widths) == [8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+    for n in range(1, 1025):
+        w = bucket_width(n, 1024)
+        assert n <= w and (w == 8 or n > w * 2 // 3)  # the smallest bucket that holds n
+    assert bucket_width(21, 20) == 20 and bucket_width(200, 150) == 150  # never wider than the padded batch
+
+
+def test_trimming_keeps_every_real_token():
+    rng = np.random.default_rng(0)
+    lengths = np.array([3, 17, 9])
+    mask = (np.arange(40)[None] >= 40 - lengths[:, None]).astype(np.int32)
+    ids = np.where(mask > 0, rng.integers(5, 50, mask.shape), 0).astype(np.int32)
+    batch = PromptBatch(ids, mask, ["1", "2", "3"], ["a", "b", "c"])
+    trimmed = batch.trimmed()
+    assert trimmed.ids.shape == (3, 24) and np.all(trimmed.mask[:, -1] == 1)
+    assert trimmed.mask.sum(1).tolist() == lengths.tolist()
+    for row in range(3):
+        assert trimmed.ids[row][trimmed.mask[row] > 0].tolist() == ids[row][mask[row] > 0].tolist()
+    assert trimmed.answers == batch.answers and batch.ids.shape == (3, 40)

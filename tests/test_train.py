@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from _train_helpers import make_workspace, read_metrics, tiny_config, tiny_overrides, without_times
+from _train_helpers import assert_same_parameters, make_workspace, read_metrics, tiny_config, tiny_overrides, without_times
 
 from ktae_jax.models import load_pretrained
 from ktae_jax.train import Rollouts, Trainer, TrainingError, run
@@ -112,11 +112,7 @@ def test_one_device_and_eight_devices_agree(workspace, tmp_path):
     assert m1["reward/mean"] == m8["reward/mean"]  # the same greedy-independent samples and rewards
     for key in ("loss/total", "loss/pg", "loss/kl", "optim/grad_norm"):
         assert m1[key] == pytest.approx(m8[key], rel=1e-4, abs=1e-6), key
-    # Adam's first update is lr * g / (|g| + eps): a parameter whose gradient is near eps moves by a
-    # rounding-sensitive fraction of lr (1e-3), so a rare element may differ by a few % of lr.
-    for x, y in zip(p1, p8):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-5)
-        assert np.mean(~np.isclose(x, y, rtol=1e-4, atol=1e-6)) < 1e-3
+    assert_same_parameters(p1, p8, lr=1e-3)
 
 
 def _fake_rollouts(rewards, G, R=3):
@@ -148,6 +144,40 @@ def test_dynamic_sampling_fills_the_batch_or_stops_at_its_limit(workspace, tmp_p
         assert batch.rewards_N.shape == (P * G,)  # still a full, static-shape batch
     finally:
         trainer.close()
+
+
+def test_rollouts_of_different_prompt_widths_concatenate_left_padded():
+    a, b = _fake_rollouts([0.0, 1.0], 2), _fake_rollouts([1.0, 1.0], 2)
+    b.tokens_NxT = np.arange(1, 7 * 2 + 1, dtype=np.int32).reshape(2, 7)
+    b.attn_NxT = np.ones((2, 7), np.int32)
+    a.tokens_NxT[:] = 5
+    a.attn_NxT[:] = 1
+    merged = Rollouts.concat([a, b], pad_id=99)
+    assert merged.tokens_NxT.shape == (4, 7)
+    np.testing.assert_array_equal(merged.tokens_NxT[:2], [[99, 99, 5, 5, 5, 5, 5]] * 2)
+    np.testing.assert_array_equal(merged.attn_NxT[:2], [[0, 0, 1, 1, 1, 1, 1]] * 2)
+    np.testing.assert_array_equal(merged.tokens_NxT[2:], b.tokens_NxT)
+    assert merged.rewards_N.tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_trimmed_prompt_padding_changes_nothing_but_the_work(workspace, tmp_path):
+    checkpoint, data = workspace
+    results = []
+    for trim in (False, True):
+        trainer = Trainer(tiny_config(checkpoint, data, tmp_path / f"trim{trim}", **{
+            "data.trim_prompt_padding": trim, "data.max_prompt_len": 48}), jax.devices()[:1])
+        try:
+            metrics = trainer.step(1)
+            results.append((metrics, _params(trainer), sorted(trainer._train_steps)))
+        finally:
+            trainer.close()
+    (m_full, p_full, widths_full), (m_trim, p_trim, widths_trim) = results
+    assert widths_full == [48] and len(widths_trim) == 2 and min(widths_trim) < 48  # a narrower step compiled
+    assert m_full["response/length_mean"] == m_trim["response/length_mean"]
+    assert m_full["reward/mean"] == m_trim["reward/mean"]
+    for key in ("loss/total", "loss/kl", "optim/grad_norm"):
+        assert m_full[key] == pytest.approx(m_trim[key], rel=1e-4, abs=1e-6), key
+    assert_same_parameters(p_full, p_trim, lr=1e-3)
 
 
 def test_nan_loss_stops_without_a_poisoned_checkpoint(workspace, tmp_path):
