@@ -8,7 +8,7 @@ Per step (host-device boundary named at each host sync):
   4. FILTER      DAPO dynamic sampling: keep groups with mixed rewards, sample again
                  until the batch is full or `max_num_gen_batches` rounds              (host)
   5. ADVANTAGES  rollout estimator (+ KTAE key scores), whole groups per device        (device)
-  6. UPDATE      `step.train_step(state, batch)`, jitted once with shardings, donated  (device)
+  6. UPDATE      `step.train_step(state, batch)`, compiled per prompt width, sharded     (device)
   7. LOG / SAVE  metrics (NaN stops the run before anything is saved); checkpoints
                  every N steps and on SIGTERM; the final policy exported in HF format  (host)
 """
@@ -164,9 +164,14 @@ class Trainer:
         self.on_policy = settings.on_policy
         state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
         self.batch_sharding = lambda x: mesh_lib.batch_sharding(mesh, x.shape)  # noqa: E731
+        # Donating the state lets the update overwrite it in place: on accelerators it halves the
+        # state's memory. XLA on CPU runs the same update ~20% slower with donated buffers
+        # (measured: 248 vs 205 ms on a 28M model, 51 vs 40 ms on a 4M one), and host memory is
+        # rarely the limit there: no donation on CPU.
+        donate = () if mesh.devices.flat[0].platform == "cpu" else (0,)
         self._train_step_jit = jax.jit(
             functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, settings=settings, mesh=mesh),
-            out_shardings=(state_sharding, None), donate_argnums=0)
+            out_shardings=(state_sharding, None), donate_argnums=donate)
         # Compiled ahead of time, per prompt width (trimmed batches): the widest now, for
         # `memory_report` (the worst case), the others when first met.
         self._train_steps: dict[int, Any] = {}
