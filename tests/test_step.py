@@ -108,8 +108,8 @@ def test_sharing_prompts_in_the_update_changes_nothing_but_the_work():
     algo = AlgoSection(clip_low=0.2, clip_high=0.28, kl_coef=0.1, kl_estimator="low_var_kl", ppo_epochs=2)
     results = []
     # 4 prompts x 4 rows in 2 mini-batches of 2 prompts; 8 micro-batches of 1 row share nothing (the
-    # reference), 1, 2 and 4 micro-batches share each prompt over 4, 4 and 2 rows.
-    for micros, shared_rows in ((8, 1), (1, 4), (2, 4), (4, 2)):
+    # reference), 1 and 4 micro-batches share each prompt over 4 and 2 rows.
+    for micros, shared_rows in ((8, 1), (1, 4), (4, 2)):
         settings = UpdateSettings(algo=algo, num_minibatches=2, num_microbatches=micros, temperature=1.0,
                                   group_size=4)
         layout = settings.layout()
