@@ -73,6 +73,7 @@ class AlgoSection:
     ppo_epochs: int = 1  # passes over each step's rollouts
     mini_batch_prompts: int = 0  # prompts per optimizer update; 0 = all of the step's prompts
     micro_batch_per_device: int = 0  # rollouts per device per gradient-accumulation slice; 0 = whole mini-batch
+    logprob_micro_batch_per_device: int = 0  # rollouts per device per slice of the (gradient-free) old/reference log-prob passes; 0 = as the update
     recompute_old_logprobs: bool = True  # old log-probs from a forward pass, else the sampler's (one update per step needs neither)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, sample more
     max_num_gen_batches: int = 4  # dynamic sampling: sampling rounds per step at most
@@ -160,6 +161,10 @@ class TrainConfig:
         """Rollouts per gradient-accumulation slice, over all batch devices."""
         return self.algo.micro_batch_per_device * batch_devices or self.mini_batch_prompts * self.rollout.group_size
 
+    def logprob_micro_batch_rollouts(self, batch_devices: int) -> int:
+        """Rollouts per slice of the log-prob passes, over all batch devices (no gradients: may be larger)."""
+        return self.algo.logprob_micro_batch_per_device * batch_devices or self.micro_batch_rollouts(batch_devices)
+
     def sample_chunk_prompts(self, batch_devices: int) -> int:
         """Prompts per sampler call, over all batch devices."""
         return self.rollout.sample_prompts_per_device * batch_devices or self.rollout.prompts_per_step
@@ -178,6 +183,7 @@ class TrainConfig:
         non_negative = {"algo.mini_batch_prompts": a.mini_batch_prompts, "run.eval_every": self.run.eval_every,
                         "run.eval_limit": self.run.eval_limit,
                         "algo.micro_batch_per_device": a.micro_batch_per_device,
+                        "algo.logprob_micro_batch_per_device": a.logprob_micro_batch_per_device,
                         "rollout.sample_prompts_per_device": r.sample_prompts_per_device, "rollout.top_k": r.top_k,
                         "reward.overlong_buffer": self.reward.overlong_buffer, "optim.warmup_steps": self.optim.warmup_steps}
         for key, value in positive.items():
@@ -218,6 +224,9 @@ class TrainConfig:
         if mini_rows % self.micro_batch_rollouts(devices):
             raise ConfigError(f"algo.micro_batch_per_device={a.micro_batch_per_device}: {devices} devices x "
                               f"{a.micro_batch_per_device} does not divide the mini-batch's {mini_rows} rollouts")
+        if mini_rows % self.logprob_micro_batch_rollouts(devices):
+            raise ConfigError(f"algo.logprob_micro_batch_per_device={a.logprob_micro_batch_per_device}: {devices} devices x "
+                              f"{a.logprob_micro_batch_per_device} does not divide the mini-batch's {mini_rows} rollouts")
         if r.prompts_per_step % self.sample_chunk_prompts(devices):
             raise ConfigError(f"rollout.sample_prompts_per_device={r.sample_prompts_per_device}: {devices} devices x "
                               f"{r.sample_prompts_per_device} does not divide rollout.prompts_per_step={r.prompts_per_step}")

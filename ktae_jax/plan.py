@@ -92,7 +92,8 @@ def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
         f"step: {cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size} = {rows} rollouts of up to "
         f"{seq} tokens; {rows_per_device} rollouts ({rows_per_device // cfg.rollout.group_size} whole groups) per device",
         f"updates per step: {cfg.algo.ppo_epochs} epoch(s) x {cfg.rollout.prompts_per_step // cfg.mini_batch_prompts} "
-        f"mini-batches; micro-batch {micro_rows} rollouts = {micro_per_device} per device",
+        f"mini-batches; micro-batch {micro_rows} rollouts = {micro_per_device} per device; log-prob passes "
+        f"{cfg.logprob_micro_batch_rollouts(batch_devices) // batch_devices} per device per slice",
         "estimated memory per device:",
         f"  parameters            {_gb(params)}",
         f"  AdamW moments         {_gb(adam)}",

@@ -176,9 +176,11 @@ class Trainer:
         # `memory_report` (the worst case), the others when first met.
         self._train_steps: dict[int, Any] = {}
         self._train_step_for(cfg.data.max_prompt_len)
+        logprob_layout = dataclasses.replace(
+            settings.layout(mesh), num_microbatches=mini_rows // cfg.logprob_micro_batch_rollouts(self.batch_devices))
         self._logprobs = jax.jit(functools.partial(rollout_logprobs, self.graphdef,
                                                    response_len=cfg.rollout.max_new_tokens,
-                                                   temperature=cfg.rollout.temperature, layout=settings.layout(mesh),
+                                                   temperature=cfg.rollout.temperature, layout=logprob_layout,
                                                    mesh=mesh))
         self._advantages = functools.partial(
             token_advantages, group_size=cfg.rollout.group_size, vocab_size=self.vocab_size,

@@ -62,6 +62,11 @@ def test_batch_must_split_into_whole_groups_per_device():
     cfg.validate(num_batch_devices=4)  # 4 x 16 rollouts divide the 64 of the mini-batch
     with pytest.raises(ConfigError, match="algo.micro_batch_per_device=16: 8 devices"):
         cfg.validate(num_batch_devices=8)
+    cfg = load_config([], ["rollout.prompts_per_step=8", "rollout.group_size=8", "algo.logprob_micro_batch_per_device=16"])
+    assert cfg.logprob_micro_batch_rollouts(2) == 32 and cfg.micro_batch_rollouts(2) == 64
+    with pytest.raises(ConfigError, match="algo.logprob_micro_batch_per_device=16: 8 devices x 16 does not divide"):
+        cfg.validate(num_batch_devices=8)
+    assert load_config([], ["algo.micro_batch_per_device=4"]).logprob_micro_batch_rollouts(2) == 8  # 0: as the update
 
 
 def test_the_eight_paper_recipes_load_and_plan(capsys):
