@@ -125,6 +125,19 @@ def constrain_batch(x: jax.Array, mesh: Mesh | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.shape))
 
 
+def gathered_over_fsdp(variable: nnx.Variable, mesh: Mesh | None) -> jax.Array:
+    """Inside jit: a parameter's value laid out by its logical axes but whole along `fsdp`: FSDP's
+    just-in-time gather of a weight (the others XLA gathers on its own when the activations around
+    them are pinned to the batch sharding; see `models.response_logprobs`)."""
+    value = variable[...]
+    if mesh is None:
+        return value
+    spec = variable_sharding(variable, mesh).spec
+    drop = lambda axes: (tuple(a for a in axes if a != "fsdp") or None) if isinstance(axes, tuple) else (  # noqa: E731
+        None if axes == "fsdp" else axes)
+    return jax.lax.with_sharding_constraint(value, NamedSharding(mesh, PartitionSpec(*map(drop, spec))))
+
+
 def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
     """The NamedSharding of one variable from its `logical_axes` metadata (replicated without)."""
     value = variable.get_value()

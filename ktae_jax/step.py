@@ -26,7 +26,7 @@ from flax import nnx, struct
 
 from ktae_jax.config import AlgoSection, OptimSection
 from ktae_jax.loss import Normalisers, policy_loss
-from ktae_jax.mesh import constrain_batch
+from ktae_jax.mesh import constrain_batch, gathered_over_fsdp
 from ktae_jax.models import response_logprobs
 
 
@@ -89,12 +89,17 @@ def _split_rollouts(micro: UpdateBatch, response_len: int, rows_per_prompt: int)
 
 
 def micro_logprobs(graphdef, params, tokens_NxT, attn_NxT, *, response_len: int, rows_per_prompt: int,
-                   temperature: float):
+                   temperature: float, mesh=None):
     """(logp, entropy) [N, R] of the last `response_len` columns; each prompt (the first Tp columns,
     the same in each run of `rows_per_prompt` rows) is computed once and shared by its rows."""
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, params, copy=True)  # copies: the embedding is replaced below
+    # With FSDP, every activation stays split by rows and the weights are gathered (see
+    # `response_logprobs`); the embedding table is gathered for the lookup by hand: otherwise the
+    # gradient of the lookup splits the activations along the embedding (a full rematerialisation).
+    model.embed[...] = gathered_over_fsdp(model.embed, mesh)
     batch = UpdateBatch(tokens_NxT, attn_NxT, *(None,) * 4)
-    return response_logprobs(model, *_split_rollouts(batch, response_len, rows_per_prompt), temperature=temperature)
+    return response_logprobs(model, *_split_rollouts(batch, response_len, rows_per_prompt), temperature=temperature,
+                             constrain=functools.partial(constrain_batch, mesh=mesh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +154,7 @@ def rollout_logprobs(graphdef, params, tokens_NxT, attn_NxT, *, response_len: in
     def one(micro):
         tokens, attn = (constrain_batch(x, mesh) for x in micro)
         return micro_logprobs(graphdef, params, tokens, attn, response_len=response_len,
-                              rows_per_prompt=layout.rows_per_prompt(n), temperature=temperature)
+                              rows_per_prompt=layout.rows_per_prompt(n), temperature=temperature, mesh=mesh)
 
     micro_batches = lambda x: layout.split(x).reshape(-1, n // (layout.num_minibatches * layout.num_microbatches),  # noqa: E731
                                                       *x.shape[1:])
@@ -170,7 +175,7 @@ def train_step(state: TrainState, batch: UpdateBatch, *, graphdef, tx: optax.Gra
     def micro_loss(params, micro: UpdateBatch, norm: Normalisers):
         micro = UpdateBatch(*(constrain_batch(x, mesh) for x in micro))
         logp, entropy = micro_logprobs(graphdef, params, micro.tokens_NxT, micro.attn_NxT, response_len=response_len,
-                                       rows_per_prompt=rows_per_prompt, temperature=settings.temperature)
+                                       rows_per_prompt=rows_per_prompt, temperature=settings.temperature, mesh=mesh)
         # On-policy, old = current exactly (ratio 1, gradient of the ratio intact): skip that pass.
         old_logp = jax.lax.stop_gradient(logp) if settings.on_policy else micro.old_logp_NxR
         return policy_loss(logp, old_logp, micro.ref_logp_NxR, micro.adv_NxR, micro.resp_mask_NxR, entropy,

@@ -10,7 +10,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ktae_jax.mesh import (
-    MeshConfig, batch_sharding, logical_sharding, logical_to_spec, make_mesh, shard_model, state_shardings,
+    MeshConfig, batch_sharding, gathered_over_fsdp, logical_sharding, logical_to_spec, make_mesh, shard_model,
+    state_shardings,
 )
 
 
@@ -66,3 +67,19 @@ def test_shard_model_places_params_by_logical_axes():
     np.testing.assert_array_equal(np.asarray(model.w[...]), np.arange(48.0).reshape(8, 6))
     shardings = state_shardings(nnx.state(model), mesh)
     assert shardings["w"].get_value().spec == P("fsdp", "tensor")
+
+
+def test_gathered_over_fsdp_undoes_only_the_fsdp_split():
+    mesh = make_mesh(MeshConfig(fsdp=2, tensor=2))
+    model = shard_model(_Tiny(), mesh)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def gathered(state):
+        return gathered_over_fsdp(nnx.merge(graphdef, state).w, mesh) * 1.0
+
+    out = gathered(state)
+    assert out.sharding.spec in (P(None, "tensor"), P(None, "tensor", None))  # the tensor split stays
+    assert {s.data.shape for s in out.addressable_shards} == {(8, 3)}
+    np.testing.assert_array_equal(np.asarray(out), np.arange(48.0).reshape(8, 6))
+    assert gathered_over_fsdp(model.w, None) is model.w[...]  # no mesh: the value as it is

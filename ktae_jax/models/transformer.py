@@ -11,7 +11,7 @@ kept per layer (not stacked) and the cache is `[B, KV, S, D]`: both measured fas
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,11 @@ from flax import nnx
 from ktae_jax.models.config import ModelConfig
 
 Array = jax.Array
+Constrain = Callable[[Array], Array]  # pins an activation whose first axis is (batch-major) rows to the batch sharding
+
+
+def _unconstrained(x: Array) -> Array:
+    return x
 _MASKED = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax, not NaN
 
 
@@ -86,16 +91,17 @@ class Attention(nnx.Module):
 
     def __call__(
         self, x_BxTxE: Array, cos: Array, sin: Array, allowed_BxTxS: Array,
-        cache_kv: tuple[Array, Array] | None, index: Array | None,
+        cache_kv: tuple[Array, Array] | None, index: Array | None, constrain: Constrain = _unconstrained,
     ) -> tuple[Array, tuple[Array, Array]]:
         b, t, e = x_BxTxE.shape
         kv, g, d, dt = self.num_kv, self.group, self.head_dim, self.dtype
         # Projections as 2-D matmuls on [B*T, E] (XLA on CPU: faster, and a faster weight gradient),
         # then the heads moved to their [B, KV, (G,) T, D] layout.
         x = x_BxTxE.astype(dt).reshape(b * t, e)
-        q = (x @ self.q[...].astype(dt).reshape(e, kv * g * d)).reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
-        k = (x @ self.k[...].astype(dt).reshape(e, kv * d)).reshape(b, t, kv, d).transpose(0, 2, 1, 3)
-        v = (x @ self.v[...].astype(dt).reshape(e, kv * d)).reshape(b, t, kv, d).transpose(0, 2, 1, 3)
+        proj = lambda w, width: constrain(x @ w[...].astype(dt).reshape(e, width))  # noqa: E731
+        q = proj(self.q, kv * g * d).reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
+        k = proj(self.k, kv * d).reshape(b, t, kv, d).transpose(0, 2, 1, 3)
+        v = proj(self.v, kv * d).reshape(b, t, kv, d).transpose(0, 2, 1, 3)
         if self.q_bias is not None:
             q = q + self.q_bias[...].astype(dt).reshape(kv, g, 1, d)
             k = k + self.k_bias[...].astype(dt)[:, None, :]
@@ -111,7 +117,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dt))
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, kv * g * d)
-        y = (out @ self.o[...].astype(dt).reshape(kv * g * d, e)).reshape(b, t, e)
+        y = constrain(out @ self.o[...].astype(dt).reshape(kv * g * d, e)).reshape(b, t, e)
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(dt)
         return y, (k, v)
@@ -129,15 +135,15 @@ class MLP(nnx.Module):
         self.up_bias = _param(None, (f,), ("mlp",), param_dtype, "zeros") if on else None
         self.down_bias = _param(None, (e,), ("embed",), param_dtype, "zeros") if on else None
 
-    def __call__(self, x_BxTxE: Array) -> Array:
+    def __call__(self, x_BxTxE: Array, constrain: Constrain = _unconstrained) -> Array:
         dt = self.dtype
         # Matmuls on [B*T, E]: XLA on CPU runs the weight gradient of a 3-D `x @ W` (two
         # contracting dimensions) about 3x slower than the same product on a 2-D operand.
         x = x_BxTxE.reshape(-1, x_BxTxE.shape[-1])
-        gate, up = x @ self.gate[...].astype(dt), x @ self.up[...].astype(dt)
+        gate, up = constrain(x @ self.gate[...].astype(dt)), constrain(x @ self.up[...].astype(dt))
         if self.gate_bias is not None:
             gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
-        y = (jax.nn.silu(gate) * up) @ self.down[...].astype(dt)
+        y = constrain((jax.nn.silu(gate) * up) @ self.down[...].astype(dt))
         y = y + self.down_bias[...].astype(dt) if self.down_bias is not None else y
         return y.reshape(x_BxTxE.shape)
 
@@ -149,10 +155,10 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, allowed, cache_kv, index):
-        y, kv = self.attn(self.input_norm(x), cos, sin, allowed, cache_kv, index)
+    def __call__(self, x, cos, sin, allowed, cache_kv, index, constrain: Constrain = _unconstrained):
+        y, kv = self.attn(self.input_norm(x), cos, sin, allowed, cache_kv, index, constrain)
         x = x + y
-        return x + self.mlp(self.post_attn_norm(x)), kv
+        return x + self.mlp(self.post_attn_norm(x), constrain), kv
 
 
 class Transformer(nnx.Module):
@@ -174,9 +180,11 @@ class Transformer(nnx.Module):
     # ------------------------------------------------------------------ forward
     def hidden(
         self, input_ids_BxT: Array, attention_mask_BxT: Array | None = None, *,
-        positions_BxT: Array | None = None, cache: KVCache | None = None,
+        positions_BxT: Array | None = None, cache: KVCache | None = None, constrain: Constrain = _unconstrained,
     ) -> tuple[Array, KVCache | None]:
-        """Final-normed hidden states [B, T, E] and the updated cache (None without one)."""
+        """Final-normed hidden states [B, T, E] and the updated cache (None without one).
+
+        `constrain` pins the activations to the batch sharding (see `response_logprobs`)."""
         b, t = input_ids_BxT.shape
         mask = jnp.ones((b, t), bool) if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
         if cache is None:
@@ -196,11 +204,11 @@ class Transformer(nnx.Module):
         angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
         cos, sin = jnp.cos(angles), jnp.sin(angles)
 
-        x = jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(self.dtype)
+        x = constrain(jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(self.dtype))
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = layer(x, cos, sin, allowed, layer_cache, first_slot)
+            x, (k, v) = layer(x, cos, sin, allowed, layer_cache, first_slot, constrain)
             new_k.append(k)
             new_v.append(v)
         x = self.final_norm(x)
@@ -231,9 +239,11 @@ def init_random(config: ModelConfig, *, seed: int = 0, dtype=jnp.float32, comput
     return Transformer(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(params=seed))
 
 
-def _chunk_logprobs(h_BxCxE: Array, w_VxE: Array, targets_BxC: Array, temperature: float) -> tuple[Array, Array]:
+def _chunk_logprobs(h_BxCxE: Array, w_VxE: Array, targets_BxC: Array, temperature: float,
+                    constrain: Constrain) -> tuple[Array, Array]:
     b, c, e = h_BxCxE.shape  # 2-D matmul: a faster weight gradient on CPU (see MLP)
-    logits = jnp.einsum("ne,ve->nv", h_BxCxE.reshape(b * c, e), w_VxE, preferred_element_type=jnp.float32)
+    logits = constrain(jnp.einsum("ne,ve->nv", constrain(h_BxCxE.reshape(b * c, e)), w_VxE,
+                                  preferred_element_type=jnp.float32))
     logits = logits.reshape(b, c, -1) / temperature
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets_BxC[..., None], axis=-1)[..., 0]
@@ -242,7 +252,7 @@ def _chunk_logprobs(h_BxCxE: Array, w_VxE: Array, targets_BxC: Array, temperatur
 
 
 def _head_logprobs(model: Transformer, h_prev_BxNxE: Array, targets_BxN: Array, temperature: float,
-                   chunk: int) -> tuple[Array, Array]:
+                   chunk: int, constrain: Constrain = _unconstrained) -> tuple[Array, Array]:
     """(logp, entropy) [B, N] of `targets` under the logits of the hidden states that precede them.
 
     Logits are made `chunk` positions at a time under `jax.checkpoint`, so a float32 [B, N, V]
@@ -257,7 +267,7 @@ def _head_logprobs(model: Transformer, h_prev_BxNxE: Array, targets_BxN: Array, 
     h_chunks = h_prev.reshape(b, num_chunks, chunk, -1).swapaxes(0, 1)
     t_chunks = targets.reshape(b, num_chunks, chunk).swapaxes(0, 1)
     w = model.output_embedding().astype(model.dtype)
-    fn = jax.checkpoint(lambda args: _chunk_logprobs(args[0], w, args[1], temperature))
+    fn = jax.checkpoint(lambda args: _chunk_logprobs(args[0], w, args[1], temperature, constrain))
     logp, ent = jax.lax.map(fn, (h_chunks, t_chunks))
     return logp.swapaxes(0, 1).reshape(b, -1)[:, :n], ent.swapaxes(0, 1).reshape(b, -1)[:, :n]
 
@@ -284,7 +294,7 @@ def token_logprobs(
 
 def response_logprobs(
     model: Transformer, prompt_ids_PxTp: Array, prompt_mask_PxTp: Array, response_ids_NxR: Array,
-    response_mask_NxR: Array, *, temperature: float = 1.0, chunk: int = 256,
+    response_mask_NxR: Array, *, temperature: float = 1.0, chunk: int = 256, constrain: Constrain = _unconstrained,
 ) -> tuple[Array, Array]:
     """(logp_NxR, entropy_NxR) of N = P x k responses, k consecutive rows per (left-padded) prompt.
 
@@ -293,6 +303,10 @@ def response_logprobs(
     P*Tp + N*R tokens of work instead of N*(Tp + R), and logits only at response positions.
     Gradients reach the prompt's computation through the shared keys/values. Response tokens that
     are padding (or follow padding) get 0.
+
+    `constrain` (on a mesh: `functools.partial(mesh.constrain_batch, mesh=...)`) keeps every
+    activation split by rows, so that with FSDP-sharded weights XLA gathers the weights, as FSDP
+    means to, instead of splitting the activations along the embedding and moving them.
     """
     p, tp = prompt_ids_PxTp.shape
     n, r = response_ids_NxR.shape
@@ -300,13 +314,13 @@ def response_logprobs(
         raise ValueError(f"{n} responses cannot be split evenly over {p} prompts")
     k = n // p
     cache = init_cache(model.config, p, tp + r, model.dtype)
-    h_prompt, cache = model.hidden(prompt_ids_PxTp, prompt_mask_PxTp, cache=cache)
+    h_prompt, cache = model.hidden(prompt_ids_PxTp, prompt_mask_PxTp, cache=cache, constrain=constrain)
     rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
     cache = KVCache(tuple(map(rep, cache.k)), tuple(map(rep, cache.v)), rep(cache.key_mask), cache.index)
-    h_resp, _ = model.hidden(response_ids_NxR, response_mask_NxR, cache=cache)
+    h_resp, _ = model.hidden(response_ids_NxR, response_mask_NxR, cache=cache, constrain=constrain)
     # Token j is predicted from position j - 1: the prompt's last (left padding: always real) for j = 0.
     h_prev = jnp.concatenate([rep(h_prompt[:, -1:]), h_resp[:, :-1]], axis=1)
-    logp, ent = _head_logprobs(model, h_prev, response_ids_NxR, temperature, chunk)
+    logp, ent = _head_logprobs(model, h_prev, response_ids_NxR, temperature, chunk, constrain)
     real = response_mask_NxR.astype(bool)
     prev_real = jnp.concatenate([rep(prompt_mask_PxTp[:, -1:]).astype(bool), real[:, :-1]], axis=1)
     keep = real & prev_real
