@@ -156,9 +156,9 @@ def sample_from_state(
     last_logits_PxV = model.logits(hidden_PxTxE[:, -1:])[:, 0]
 
     # 2. BROADCAST to G rows per prompt, contiguous.
-    rep = lambda x: constrain_batch(jnp.repeat(x, g, axis=0), mesh)  # noqa: E731
-    cache = KVCache(tuple(map(rep, cache.k)), tuple(map(rep, cache.v)), rep(cache.key_mask), cache.index)
-    logits = rep(last_logits_PxV)
+    place = functools.partial(constrain_batch, mesh=mesh)
+    cache = cache.repeat_rows(g, place)
+    logits = place(jnp.repeat(last_logits_PxV, g, axis=0))
 
     # 3. DECODE until every row stopped or R tokens.
     def pick(loop: _Loop) -> _Loop:

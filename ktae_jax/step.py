@@ -79,13 +79,12 @@ def learning_rate(cfg: OptimSection, update: int) -> float:
     return cfg.lr * min(1.0, update / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
 
-def _split_rollouts(micro: UpdateBatch, response_len: int, rows_per_prompt: int):
-    """A micro-batch's prompts (one per `rows_per_prompt` consecutive rows) and responses."""
-    tp = micro.tokens_NxT.shape[1] - response_len
-    n = micro.tokens_NxT.shape[0]
+def _split_rollouts(tokens_NxT, attn_NxT, response_len: int, rows_per_prompt: int):
+    """(prompt ids, prompt mask) one per `rows_per_prompt` consecutive rows, and (response ids, mask)."""
+    n, t = tokens_NxT.shape
+    tp = t - response_len
     first_rows = lambda x: x[:, :tp].reshape(n // rows_per_prompt, rows_per_prompt, tp)[:, 0]  # noqa: E731
-    return (first_rows(micro.tokens_NxT), first_rows(micro.attn_NxT),
-            micro.tokens_NxT[:, tp:], micro.attn_NxT[:, tp:])
+    return first_rows(tokens_NxT), first_rows(attn_NxT), tokens_NxT[:, tp:], attn_NxT[:, tp:]
 
 
 def micro_logprobs(graphdef, params, tokens_NxT, attn_NxT, *, response_len: int, rows_per_prompt: int,
@@ -97,9 +96,8 @@ def micro_logprobs(graphdef, params, tokens_NxT, attn_NxT, *, response_len: int,
     # `response_logprobs`); the embedding table is gathered for the lookup by hand: otherwise the
     # gradient of the lookup splits the activations along the embedding (a full rematerialisation).
     model.embed[...] = gathered_over_fsdp(model.embed, mesh)
-    batch = UpdateBatch(tokens_NxT, attn_NxT, *(None,) * 4)
-    return response_logprobs(model, *_split_rollouts(batch, response_len, rows_per_prompt), temperature=temperature,
-                             constrain=functools.partial(constrain_batch, mesh=mesh))
+    return response_logprobs(model, *_split_rollouts(tokens_NxT, attn_NxT, response_len, rows_per_prompt),
+                             temperature=temperature, constrain=functools.partial(constrain_batch, mesh=mesh))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,11 +22,11 @@ from ktae_jax.models.config import ModelConfig
 
 Array = jax.Array
 Constrain = Callable[[Array], Array]  # pins an activation whose first axis is (batch-major) rows to the batch sharding
+_MASKED = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax, not NaN
 
 
 def _unconstrained(x: Array) -> Array:
     return x
-_MASKED = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax, not NaN
 
 
 class KVCache(NamedTuple):
@@ -36,6 +36,11 @@ class KVCache(NamedTuple):
     v: tuple[Array, ...]  # per layer [B, KV, S, D]
     key_mask: Array  # [B, S] bool: the slot holds a real (non-pad) token
     index: Array  # int32 scalar
+
+    def repeat_rows(self, k: int, constrain: Constrain = _unconstrained) -> "KVCache":
+        """Each row k times, as rows i*k .. i*k+k-1: one prompt's prefill shared by k continuations."""
+        rep = lambda x: constrain(jnp.repeat(x, k, axis=0))  # noqa: E731
+        return KVCache(tuple(map(rep, self.k)), tuple(map(rep, self.v)), rep(self.key_mask), self.index)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
@@ -316,8 +321,7 @@ def response_logprobs(
     cache = init_cache(model.config, p, tp + r, model.dtype)
     h_prompt, cache = model.hidden(prompt_ids_PxTp, prompt_mask_PxTp, cache=cache, constrain=constrain)
     rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
-    cache = KVCache(tuple(map(rep, cache.k)), tuple(map(rep, cache.v)), rep(cache.key_mask), cache.index)
-    h_resp, _ = model.hidden(response_ids_NxR, response_mask_NxR, cache=cache, constrain=constrain)
+    h_resp, _ = model.hidden(response_ids_NxR, response_mask_NxR, cache=cache.repeat_rows(k), constrain=constrain)
     # Token j is predicted from position j - 1: the prompt's last (left padding: always real) for j = 0.
     h_prev = jnp.concatenate([rep(h_prompt[:, -1:]), h_resp[:, :-1]], axis=1)
     logp, ent = _head_logprobs(model, h_prev, response_ids_NxR, temperature, chunk, constrain)
