@@ -24,7 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ktae_jax.config import load_config  # noqa: E402
-from ktae_jax.demo import evaluate_policy, held_out_problems, sampled_accuracy, train_wall_time  # noqa: E402
+from ktae_jax.demo import held_out_problems, measure, train_wall_time  # noqa: E402
 
 
 def spread(values: list[float]) -> str:
@@ -57,8 +57,7 @@ def main(argv=None) -> int:
     tiny = REPO / "configs" / "tiny.yaml"
     with GraderPool(2, 5.0) as pool:
         base_cfg = load_config([tiny])
-        base_row = {"greedy": evaluate_policy(base, problems, out / "eval" / "base", base_cfg, pool),
-                    "sampled": sampled_accuracy(base, problems, base_cfg, pool)}
+        base_row = dict(zip(("greedy", "sampled"), measure(base, problems, out / "eval" / "base", base_cfg, pool)))
         for seed in range(args.seeds):
             rl_seconds = []
             for name, extra in {"GRPO": [], "GRPO+KTAE": ["ktae.enabled=true"]}.items():
@@ -69,10 +68,8 @@ def main(argv=None) -> int:
                 run(cfg)
                 seconds = train_wall_time(run_dir)
                 rl_seconds.append(seconds)
-                results[name].append({
-                    "seed": seed, "train_s": seconds,
-                    "greedy": evaluate_policy(run_dir / "hf", problems, out / "eval" / run_dir.name, cfg, pool),
-                    "sampled": sampled_accuracy(run_dir / "hf", problems, cfg, pool, seed=seed)})
+                greedy, sampled = measure(run_dir / "hf", problems, out / "eval" / run_dir.name, cfg, pool, seed=seed)
+                results[name].append({"seed": seed, "train_s": seconds, "greedy": greedy, "sampled": sampled})
             # The control: supervised steps in the same wall time (calibrated on a short run first).
             calibrate = PretrainConfig(init_from=str(base), seed=1000 + seed, steps=40, warmup_steps=0,
                                        learning_rate=3e-4, eval_problems=0)
@@ -84,10 +81,10 @@ def main(argv=None) -> int:
                                      learning_rate=3e-4, eval_problems=0)
             start = time.perf_counter()
             folder, _ = pretrain(control, out / f"sft_seed{seed}", progress=False)
-            results["SFT (same compute)"].append({
-                "seed": seed, "train_s": time.perf_counter() - start, "sft_steps": steps,
-                "greedy": evaluate_policy(folder, problems, out / "eval" / f"sft_seed{seed}", base_cfg, pool),
-                "sampled": sampled_accuracy(folder, problems, base_cfg, pool, seed=seed)})
+            seconds = time.perf_counter() - start
+            greedy, sampled = measure(folder, problems, out / "eval" / f"sft_seed{seed}", base_cfg, pool, seed=seed)
+            results["SFT (same compute)"].append({"seed": seed, "train_s": seconds, "sft_steps": steps,
+                                                  "greedy": greedy, "sampled": sampled})
 
     (out / "study.json").write_text(json.dumps({"base": base_row, **results}, indent=1))
     header = ("recipe", "seeds", "greedy accuracy", "sampled accuracy (T=1)", "opens with Sum: (T=1)",

@@ -20,7 +20,9 @@ from typing import Any
 import grain
 import numpy as np
 
+from ktae_jax import builtin
 from ktae_jax.config import DataSection
+from ktae_jax.policy import pad_token_id
 
 # Used when a tokenizer has no chat template of its own (Qwen2.5's chat format).
 QWEN_CHAT_FALLBACK = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
@@ -141,12 +143,13 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tu
 class PromptData:
     """An endless (or `num_epochs`-long) stream of prompt batches with a checkpointable position."""
 
-    def __init__(self, rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: DataSection, batch_prompts: int):
+    def __init__(self, rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: DataSection, batch_prompts: int,
+                 pad_id: int | None = None):
         self.cfg = cfg
         self.examples, self.stats = tokenize_prompts(rows, tokenizer, cfg)
         if len(self.examples) < batch_prompts:
             raise DataError(f"only {len(self.examples)} usable prompts, fewer than one batch of {batch_prompts}")
-        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        self.pad_id = pad_token_id(tokenizer) if pad_id is None else pad_id
         epochs = None if cfg.num_epochs < 0 else cfg.num_epochs
         dataset = grain.MapDataset.source(self.examples).shuffle(seed=cfg.shuffle_seed).repeat(epochs)
         self._dataset = dataset.batch(batch_prompts, drop_remainder=True, batch_fn=list)
@@ -171,15 +174,9 @@ class PromptData:
 
 
 def load_rows(cfg: DataSection) -> list[dict[str, Any]]:
-    """Rows of every configured file; "tiny" stands for the generated tiny task's training set."""
+    """Rows of every configured file; a built-in name ("tiny": the generated tiny task) stands for its rows."""
     rows: list[dict[str, Any]] = []
     for name in cfg.train_files:
-        if name == "tiny":
-            from ktae_jax.tiny.task import make_problems
-
-            problems = make_problems(cfg.tiny_train_size, seed=cfg.shuffle_seed)
-            rows.extend({"problem": p["problem"], "answer": p["answer"], "source": f"tiny:{i}"}
-                        for i, p in enumerate(problems))
-        else:
-            rows.extend(read_rows(name, cfg.prompt_field, cfg.answer_field))
+        named = builtin.dataset_rows(name, cfg)
+        rows.extend(named if named is not None else read_rows(name, cfg.prompt_field, cfg.answer_field))
     return rows

@@ -31,31 +31,35 @@ def held_out_problems(n: int) -> list[dict]:
             for p in make_problems(n, seed=HELD_OUT_SEED, split="test")]  # never among the RL prompts
 
 
-def evaluate_policy(folder: pathlib.Path, problems: list[dict], out_dir: pathlib.Path, cfg, pool) -> dict:
+def evaluate_policy(policy, problems: list[dict], out_dir: pathlib.Path, cfg, pool) -> dict:
+    """Greedy, the paper's protocol with the training run's template and length limit."""
     from ktae_jax.evaluate import Protocol, evaluate
-    from ktae_jax.models import eos_token_ids, load_pretrained
 
-    model, tokenizer = load_pretrained(folder)
     protocol = Protocol(max_new_tokens=cfg.rollout.max_new_tokens, template=cfg.data.template,
                         system_prompt=cfg.data.system_prompt)
-    summary = evaluate(model, tokenizer, {"tiny": problems}, out_dir=out_dir, max_new_tokens=protocol.max_new_tokens,
-                       batch_prompts=250, pool=pool, stop_ids=eos_token_ids(folder, model.config, tokenizer),
-                       protocol=protocol, label=folder.name, progress=True)
+    summary = evaluate(policy.model, policy.tokenizer, {"tiny": problems}, out_dir=out_dir, protocol=protocol,
+                       batch_prompts=250, pool=pool, stop_ids=policy.stop_ids, label=policy.folder.name, progress=True)
     return summary["benchmarks"]["tiny"]
 
 
-def sampled_accuracy(folder: pathlib.Path, problems: list[dict], cfg, pool, *, seed: int = 0,
-                     batch_prompts: int = 250) -> dict:
+def sampled_accuracy(policy, problems: list[dict], cfg, pool, *, seed: int = 0, batch_prompts: int = 250) -> dict:
     """One temperature-1 sample per problem, graded: the policy's own success rate and style mix."""
-    from ktae_jax.models import load_pretrained
     from ktae_jax.tiny.measure import generate, style_report
 
-    model, tokenizer = load_pretrained(folder)
-    texts, lengths = generate(model, tokenizer, [p["problem"] for p in problems], greedy=False, seed=seed,
-                              max_new_tokens=cfg.rollout.max_new_tokens, batch_size=batch_prompts)
+    texts, lengths = generate(policy.model, policy.tokenizer, [p["problem"] for p in problems], greedy=False,
+                              seed=seed, max_new_tokens=cfg.rollout.max_new_tokens, batch_size=batch_prompts)
     report = style_report(texts, pool.grade(texts, [p["answer"] for p in problems]).scores, lengths)
     return {"accuracy": report["accuracy"], "mean_length": report["mean_length"],
             "reliable_share": report["mix"]["reliable"]}
+
+
+def measure(folder, problems: list[dict], out_dir: pathlib.Path, cfg, pool, *, seed: int = 0) -> tuple[dict, dict]:
+    """(greedy evaluation, sampled accuracy) of the policy in `folder` ("tiny": the shipped base)."""
+    from ktae_jax.policy import load_policy
+
+    policy = load_policy(folder)
+    return (evaluate_policy(policy, problems, out_dir, cfg, pool),
+            sampled_accuracy(policy, problems, cfg, pool, seed=seed))
 
 
 def train_wall_time(run_dir: pathlib.Path) -> float:
@@ -85,12 +89,8 @@ def main(argv=None) -> int:
     rows = {}
     with GraderPool(base_cfg.reward.num_workers or None, base_cfg.reward.timeout_s) as pool:
         # 1. BASE
-        from ktae_jax.tiny import ensure_base
-
-        base = pathlib.Path(ensure_base())
         print(f"[1/4] evaluating the tiny base model on {len(problems)} held-out problems")
-        rows["base"] = (evaluate_policy(base, problems, out / "eval" / "base", base_cfg, pool),
-                        sampled_accuracy(base, problems, base_cfg, pool), 0.0)
+        rows["base"] = (*measure("tiny", problems, out / "eval" / "base", base_cfg, pool), 0.0)
 
         # 2. TRAIN and 3. EVALUATE each recipe, from the same base with the same seed.
         for i, (name, extra) in enumerate(RECIPES.items()):
@@ -101,8 +101,7 @@ def main(argv=None) -> int:
             cfg = load_config([REPO / "configs" / "tiny.yaml"], overrides)
             print(f"[{2 + i}/4] training {name} for {cfg.run.max_steps} steps -> {run_dir}")
             run(cfg)
-            rows[name] = (evaluate_policy(run_dir / "hf", problems, out / "eval" / name.lower().replace("+", "_"),
-                                          cfg, pool), sampled_accuracy(run_dir / "hf", problems, cfg, pool),
+            rows[name] = (*measure(run_dir / "hf", problems, out / "eval" / name.lower().replace("+", "_"), cfg, pool),
                           train_wall_time(run_dir))
 
     # 4. REPORT

@@ -38,7 +38,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ktae_jax.config import DataSection
 from ktae_jax.data import format_prompt, left_pad, read_rows
-from ktae_jax.mesh import batch_sharding, place, to_host
+from ktae_jax.mesh import batch_devices, batch_sharding, place, to_host
+from ktae_jax.policy import pad_token_id
 from ktae_jax.rewards import GraderPool, extract_boxed
 from ktae_jax.sample import SamplingConfig, sample_jit
 
@@ -232,19 +233,19 @@ def _split_policy(policy: Any) -> tuple[nnx.GraphDef, nnx.State]:
 
 def evaluate(
     policy: Any, tokenizer: Any, benchmarks: Mapping[str, Sequence[dict[str, Any]]], *,
-    out_dir: str | pathlib.Path, max_new_tokens: int = 3000, batch_prompts: int = 16, mesh: Mesh | None = None,
+    out_dir: str | pathlib.Path, batch_prompts: int = 16, mesh: Mesh | None = None,
     pool: GraderPool | None = None, limit: int | None = None, stop_ids: Sequence[int] | None = None,
-    protocol: Protocol | None = None, label: str = "", progress: bool = True, grade_workers: int | None = None,
+    protocol: Protocol = Protocol(), label: str = "", progress: bool = True, grade_workers: int | None = None,
     grade_timeout_s: float = 5.0,
 ) -> dict[str, Any] | None:
     """Greedy responses to every selected row, graded; returns the summary (None off process 0).
 
     `policy` is a `Transformer` or `(graphdef, params)` (the trainer's), already placed on `mesh`.
     `benchmarks` maps a name to rows with "problem" and "answer" (as `read_rows` gives them).
-    `stop_ids` default to the tokenizer's EOS. Without `pool`, one of `grade_workers` processes
+    `protocol` decides the responses (length limit, template). `stop_ids` default to the tokenizer's
+    EOS; the pad id is `policy.pad_token_id`'s. Without `pool`, one of `grade_workers` processes
     (default: one per core) is started only if there is something to grade, and closed at the end.
     """
-    protocol = protocol or Protocol(max_new_tokens=max_new_tokens)
     if limit is not None and limit < 1:
         raise EvalError(f"limit={limit}: must be >= 1")
     if batch_prompts < 1:
@@ -253,8 +254,8 @@ def evaluate(
     main = _is_main()
     _check_protocol(out, protocol, write=main)
     graphdef, state = _split_policy(policy)
-    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     stops = tuple(stop_ids) if stop_ids is not None else (int(tokenizer.eos_token_id),)
+    pad_id = pad_token_id(tokenizer, stops)
     config = SamplingConfig(max_new_tokens=protocol.max_new_tokens, greedy=True, eos_ids=stops, pad_id=pad_id)
     key = _place(np.asarray(jax.random.PRNGKey(0)), mesh, replicated=True)  # unused by greedy decoding
 
@@ -286,9 +287,8 @@ def evaluate(
     width = -(-width // _WIDTH_QUANTUM) * _WIDTH_QUANTUM
     # No bigger batches than the largest benchmark needs (filler rows cost as much as real ones).
     batch_prompts = min(batch_prompts, max(largest, 1))
-    if mesh is not None:  # every batch device gets the same number of prompts
-        per = mesh.shape["data"] * mesh.shape["fsdp"]
-        batch_prompts = -(-batch_prompts // per) * per
+    per = batch_devices(mesh)  # every batch device gets the same number of prompts
+    batch_prompts = -(-batch_prompts // per) * per
     pending = [item for items in todo.values() for item in items]
     limit_pos = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
     if pending and limit_pos and width + protocol.max_new_tokens > limit_pos:

@@ -21,10 +21,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_AXES_KEY = "logical_axes"  # NNX variable metadata holding the logical names
+BATCH_AXES = ("data", "fsdp")  # the mesh axes of "batch": rows split over their product
 
 # Logical axis -> mesh axis (or tuple of axes, or None = replicated).
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": BATCH_AXES,
     "vocab": "tensor",
     "embed": "fsdp",
     "mlp": "tensor",
@@ -64,6 +65,11 @@ class MeshConfig:
                 f"mesh.{bad}: data*fsdp*tensor = {fixed} but there are {num_devices} devices"
             )
         return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+    def batch_devices(self, num_devices: int) -> int:
+        """How many ways a batch is split over `num_devices` (as `batch_devices` of the mesh made)."""
+        sizes = dict(zip(MESH_AXES, self.shape(num_devices)))
+        return math.prod(sizes[a] for a in BATCH_AXES)
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -110,6 +116,11 @@ def logical_sharding(
 ) -> NamedSharding:
     """NamedSharding on `mesh` for an array with these logical axis names (see logical_to_spec)."""
     return NamedSharding(mesh, logical_to_spec(logical_names, mesh, shape))
+
+
+def batch_devices(mesh: Mesh | None) -> int:
+    """How many ways a batch is split on `mesh` (the product of the mesh axes of "batch"; 1 without a mesh)."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int] | None = None) -> NamedSharding:
@@ -171,6 +182,11 @@ def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
     Each process fills only its own devices' slices, so this works on one host and on many.
     """
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def place_batch(mesh: Mesh, *arrays: Any) -> list[jax.Array]:
+    """Host arrays (the same on every process) -> global arrays split by rows over the batch devices."""
+    return [place(x, batch_sharding(mesh, x.shape)) for x in map(np.asarray, arrays)]
 
 
 def to_host(tree: Any) -> Any:

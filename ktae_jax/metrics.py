@@ -3,9 +3,12 @@ and a live progress bar. Only process 0 writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -14,6 +17,24 @@ from tqdm.auto import tqdm
 # Shown in the progress bar, in this order, under these short names.
 BAR_FIELDS = {"reward/mean": "reward", "reward/accuracy": "acc", "response/length_mean": "len",
               "loss/kl": "kl", "time/step_s": "s/step"}
+
+
+class StageTimer:
+    """Wall seconds per stage of one step, as metrics `time/<stage>_s`; a stage met again (DAPO's
+    sampling rounds) adds up. Device work is asynchronous: a timed block that must include it ends
+    with `jax.block_until_ready` (or a host transfer) inside the `with`."""
+
+    def __init__(self, *stages: str):
+        self.seconds = {f"time/{stage}_s": 0.0 for stage in stages}  # listed stages report 0 if never met
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"time/{stage}_s"
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
 
 
 class MetricsLogger:

@@ -14,6 +14,7 @@ import pathlib
 import jax
 import yaml
 
+from ktae_jax import builtin
 from ktae_jax.config import TrainConfig
 from ktae_jax.models import ModelConfig
 
@@ -34,10 +35,7 @@ ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN = 34
 
 def model_config_for(path: str) -> tuple[ModelConfig, str]:
     """The architecture from `path/config.json`, or from the known paper models by folder name."""
-    if path == "tiny":
-        from ktae_jax.tiny import base_checkpoint_path
-
-        path = str(base_checkpoint_path())
+    path = str(builtin.model_folder(path, build=False))
     config_file = pathlib.Path(path) / "config.json"
     if config_file.is_file():
         return ModelConfig.from_hf(json.loads(config_file.read_text())), str(config_file)
@@ -60,7 +58,7 @@ def planned_devices(cfg: TrainConfig) -> int:
 def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
     num_devices = num_devices or planned_devices(cfg)
     data, fsdp, tensor = cfg.mesh.shape(num_devices)
-    batch_devices = data * fsdp
+    batch_devices = cfg.mesh.batch_devices(num_devices)
     cfg.validate(num_batch_devices=batch_devices)
     model, source = model_config_for(cfg.model.path)
 

@@ -26,7 +26,7 @@ from flax import nnx, struct
 
 from ktae_jax.config import AlgoSection, OptimSection
 from ktae_jax.loss import Normalisers, policy_loss
-from ktae_jax.mesh import constrain_batch, gathered_over_fsdp
+from ktae_jax.mesh import batch_devices, constrain_batch, gathered_over_fsdp
 from ktae_jax.models import response_logprobs
 
 
@@ -64,8 +64,7 @@ class UpdateSettings:
         return self.algo.ppo_epochs == 1 and self.num_minibatches == 1
 
     def layout(self, mesh=None) -> "Layout":
-        devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-        return Layout(self.num_minibatches, self.num_microbatches, self.group_size, devices)
+        return Layout(self.num_minibatches, self.num_microbatches, self.group_size, batch_devices(mesh))
 
 
 def make_optimizer(cfg: OptimSection) -> optax.GradientTransformation:

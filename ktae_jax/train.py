@@ -1,6 +1,6 @@
 """The training loop: `run(config)` trains a policy with GRPO / DAPO / Dr.GRPO / RLOO (+KTAE).
 
-Per step (host-device boundary named at each host sync):
+Per step (`Trainer.step`; host-device boundary named at each host sync):
   1. PROMPTS     next batch from the grain iterator                                   (host)
   2. SAMPLE      G responses per prompt, one jitted program                           (device)
   3. GRADE       responses decoded and graded in the process pool, submitted async;
@@ -11,6 +11,9 @@ Per step (host-device boundary named at each host sync):
   6. UPDATE      `step.train_step(state, batch)`, compiled per prompt width, sharded     (device)
   7. LOG / SAVE  metrics (NaN stops the run before anything is saved); checkpoints
                  every N steps and on SIGTERM; the final policy exported in HF format  (host)
+Steps 1-4 are `rollouts.RolloutCollector`'s; 5-6 are here; 7 is `run`'s loop.
+
+Letters: N rollouts in the step (prompts x G), T prompt + response columns, R response columns.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import functools
 import math
 import pathlib
 import signal
-import time
 from typing import Any
 
 import jax
@@ -33,75 +35,18 @@ from ktae_jax import mesh as mesh_lib
 from ktae_jax.advantages import rollout_advantages, token_advantages
 from ktae_jax.checkpoint import Checkpointer
 from ktae_jax.config import TrainConfig
-from ktae_jax.data import PromptBatch, PromptData, load_rows
-from ktae_jax.metrics import MetricsLogger
-from ktae_jax.models import ModelConfig, eos_token_ids, init_random, load_pretrained, load_tokenizer, save_pretrained
-from ktae_jax.rewards import GraderPool, RewardConfig, compute_rewards
-from ktae_jax.sample import SamplingConfig, sample_jit
+from ktae_jax.data import PromptData, load_rows
+from ktae_jax.metrics import MetricsLogger, StageTimer
+from ktae_jax.models import save_pretrained
+from ktae_jax.policy import load_policy
+from ktae_jax.rewards import GraderPool
+from ktae_jax.rollouts import RolloutCollector, Rollouts
 from ktae_jax.step import (TrainState, UpdateBatch, UpdateSettings, learning_rate, make_optimizer, rollout_logprobs,
                            strongest_key_tokens, train_step)
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (a NaN loss, exhausted data); the message says why."""
-
-
-def resolve_model_path(path: str) -> pathlib.Path:
-    if path == "tiny":
-        from ktae_jax.tiny import ensure_base
-
-        return pathlib.Path(ensure_base())
-    return pathlib.Path(path)
-
-
-def load_policy(cfg: TrainConfig, mesh) -> tuple[Any, Any, tuple[int, ...]]:
-    """(model, tokenizer, stop ids) placed on `mesh`."""
-    folder = resolve_model_path(cfg.model.path)
-    dtype, compute = jnp.dtype(cfg.model.param_dtype), jnp.dtype(cfg.model.compute_dtype)
-    if cfg.model.init == "random":
-        import json
-
-        model_cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
-        model = init_random(model_cfg, seed=cfg.run.seed, dtype=dtype, compute_dtype=compute)
-        tokenizer = load_tokenizer(folder)
-        mesh_lib.shard_model(model, mesh)
-    else:
-        model, tokenizer = load_pretrained(folder, dtype=dtype, compute_dtype=compute, mesh=mesh)
-    if tokenizer is None:
-        raise TrainingError(f"{folder}: the trainer needs a tokenizer in the model folder")
-    return model, tokenizer, eos_token_ids(folder, model.config, tokenizer)
-
-
-@dataclasses.dataclass
-class Rollouts:
-    """One step's rollouts on the host side of the boundary (N = prompts x G rows)."""
-
-    tokens_NxT: np.ndarray
-    attn_NxT: np.ndarray
-    resp_NxR: np.ndarray
-    resp_mask_NxR: np.ndarray
-    sampler_logp_NxR: np.ndarray
-    rewards_N: np.ndarray
-    correct_N: np.ndarray
-    lengths_N: np.ndarray
-    grade_metrics: dict[str, float]
-
-    def select_groups(self, groups: np.ndarray, group_size: int) -> "Rollouts":
-        rows = (groups[:, None] * group_size + np.arange(group_size)[None]).reshape(-1)
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return Rollouts(**{k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in fields.items()})
-
-    @staticmethod
-    def concat(parts: list["Rollouts"], pad_id: int) -> "Rollouts":
-        """One batch of several; prompts of different trimmed widths are left-padded to the widest."""
-        width = max(p.tokens_NxT.shape[1] for p in parts)
-        left = lambda x, value: np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)  # noqa: E731
-        parts = [dataclasses.replace(p, tokens_NxT=left(p.tokens_NxT, pad_id), attn_NxT=left(p.attn_NxT, 0))
-                 for p in parts]
-        fields = [f.name for f in dataclasses.fields(Rollouts) if f.name != "grade_metrics"]
-        merged = {k: np.concatenate([getattr(p, k) for p in parts]) for k in fields}
-        grade = {k: sum(p.grade_metrics.get(k, 0.0) for p in parts) for k in parts[0].grade_metrics}
-        return Rollouts(**merged, grade_metrics=grade)
+    """The run cannot go on (a NaN loss); the message says why."""
 
 
 class Trainer:
@@ -110,7 +55,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, devices=None):
         self.cfg = cfg
         self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-        self.batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.batch_devices = mesh_lib.batch_devices(self.mesh)
         cfg.validate(num_batch_devices=self.batch_devices)
         self.run_dir = pathlib.Path(cfg.run.run_dir)
         self.is_main = jax.process_index() == 0
@@ -118,40 +63,37 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-        model, self.tokenizer, self.stop_ids = load_policy(cfg, self.mesh)
-        self.model_config = model.config
-        self.vocab_size = model.config.vocab_size
-        self.graphdef, params = nnx.split(model)
+        policy = load_policy(cfg.model.path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
+                             mesh=self.mesh, init=cfg.model.init, seed=cfg.run.seed)
+        self.tokenizer, self.stop_ids, self.pad_id = policy.tokenizer, policy.stop_ids, policy.pad_id
+        self.vocab_size = policy.model.config.vocab_size
+        self.graphdef, params = nnx.split(policy.model)
         self.tx = make_optimizer(cfg.optim)
-        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0])
         ignore = tuple(dict.fromkeys((*self.stop_ids, self.pad_id)))
         self.ktae = cfg.ktae.to_ktae_config(ignore, eps=1e-6) if cfg.ktae.enabled else None
+        self.state = self._initial_state(params)
+        # The frozen reference: a copy, since the train step donates (overwrites) the policy's buffers.
+        self.ref_params = jax.tree.map(jnp.copy, params) if cfg.algo.kl_coef else None
 
+        self.data = PromptData(load_rows(cfg.data), self.tokenizer, cfg.data, cfg.rollout.prompts_per_step,
+                               pad_id=self.pad_id)
+        self.pool = GraderPool(cfg.reward.num_workers or None, cfg.reward.timeout_s)
+        self.rollouts = RolloutCollector(cfg, self.graphdef, policy, self.mesh, self.data, self.pool)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
+        self._compile()
+
+    def _initial_state(self, params) -> TrainState:
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         # A raw uint32 key (checkpoints as a plain array), placed like every other state leaf so that
         # the state's layout is the same before and after the first step (no recompilation).
-        rng = jax.device_put(jax.random.PRNGKey(cfg.run.seed), replicated)
+        rng = jax.device_put(jax.random.PRNGKey(self.cfg.run.seed), replicated)
         # Moments follow their parameters' shardings; leaves made from nothing (Adam's step count)
         # would land on one device: replicate those over the mesh.
         mesh_devices = set(self.mesh.devices.flat)
         opt_state = jax.tree.map(lambda x: x if x.sharding.device_set == mesh_devices else jax.device_put(x, replicated),
                                  jax.jit(self.tx.init)(params))
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-        self.state = TrainState(params=params, opt_state=opt_state, step=step, rng=rng)
-        # The frozen reference: a copy, since the train step donates (overwrites) the policy's buffers.
-        self.ref_params = jax.tree.map(jnp.copy, params) if cfg.algo.kl_coef else None
-
-        self.data = PromptData(load_rows(cfg.data), self.tokenizer, cfg.data, cfg.rollout.prompts_per_step)
-        self.sampling = SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                                       top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, eos_ids=self.stop_ids,
-                                       pad_id=self.pad_id, num_samples=cfg.rollout.group_size)
-        self.reward_cfg = RewardConfig(kind=cfg.reward.kind, overlong_buffer=cfg.reward.overlong_buffer,
-                                       overlong_factor=cfg.reward.overlong_factor,
-                                       max_response_len=cfg.rollout.max_new_tokens,
-                                       format_weight=cfg.reward.format_weight, custom_fn=cfg.reward.custom_fn or None)
-        self.pool = GraderPool(cfg.reward.num_workers or None, cfg.reward.timeout_s)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
-        self._compile()
+        return TrainState(params=params, opt_state=opt_state, step=step, rng=rng)
 
     # ------------------------------------------------------------------ compiled stages
     def _compile(self) -> None:
@@ -163,7 +105,6 @@ class Trainer:
                                   temperature=cfg.rollout.temperature, group_size=cfg.rollout.group_size)
         self.on_policy = settings.on_policy
         state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
-        self.batch_sharding = lambda x: mesh_lib.batch_sharding(mesh, x.shape)  # noqa: E731
         # Donating the state lets the update overwrite it in place: on accelerators it halves the
         # state's memory. XLA on CPU runs the same update ~20% slower with donated buffers
         # (measured: 248 vs 205 ms on a 28M model, 51 vs 40 ms on a 4M one), and host memory is
@@ -192,142 +133,77 @@ class Trainer:
                 self.state, self._abstract_batch(prompt_width)).compile()
         return self._train_steps[prompt_width]
 
-    def _put(self, *arrays):
-        """Host arrays (the same on every process) -> global arrays split over the batch devices."""
-        return [mesh_lib.place(x, self.batch_sharding(x)) for x in map(np.asarray, arrays)]
+    def _abstract_batch(self, prompt_width: int) -> UpdateBatch:
+        cfg = self.cfg
+        N, Tp, R = cfg.rollout.prompts_per_step * cfg.rollout.group_size, prompt_width, cfg.rollout.max_new_tokens
+        shape = lambda s, d: jax.ShapeDtypeStruct(s, d, sharding=mesh_lib.batch_sharding(self.mesh, s))  # noqa: E731
+        return UpdateBatch(shape((N, Tp + R), jnp.int32), shape((N, Tp + R), jnp.int32), shape((N, R), jnp.int32),
+                           shape((N, R), jnp.float32), shape((N, R), jnp.float32), shape((N, R), jnp.float32))
+
+    def memory_report(self) -> str:
+        """The compiled update's memory analysis (XLA's own numbers)."""
+        analysis = self._train_step_for(self.cfg.data.max_prompt_len).memory_analysis()
+        if analysis is None:
+            return "compiled train step: no memory analysis on this backend"
+        mb = lambda n: f"{n / 2**20:.1f} MB"  # noqa: E731
+        return (f"compiled train step memory per device: arguments {mb(analysis.argument_size_in_bytes)}, "
+                f"outputs {mb(analysis.output_size_in_bytes)}, temporaries {mb(analysis.temp_size_in_bytes)}, "
+                f"generated code {mb(analysis.generated_code_size_in_bytes)}")
 
     # ------------------------------------------------------------------ one step
-    def _sample(self, prompts: PromptBatch, key) -> tuple[np.ndarray, ...]:
-        """(tokens, mask, policy log-probs, lengths) of G responses per prompt, in sampler calls of
-        `rollout.sample_prompts_per_device` prompts per device (bounding the KV cache)."""
-        chunk = self.cfg.sample_chunk_prompts(self.batch_devices)
-        parts = []
-        for i, start in enumerate(range(0, len(prompts.ids), chunk)):
-            ids, mask = self._put(prompts.ids[start:start + chunk], prompts.mask[start:start + chunk])
-            rollout = sample_jit(self.graphdef, self.state.params, ids, mask, jax.random.fold_in(key, i),
-                                 config=self.sampling, mesh=self.mesh)
-            parts.append(mesh_lib.to_host((rollout.tokens, rollout.mask, rollout.policy_logp, rollout.lengths)))  # host sync
-        return tuple(np.concatenate(arrays) for arrays in zip(*parts))
-
-    def _grade_async(self, prompts: PromptBatch, resp_NxR: np.ndarray, lengths_N: np.ndarray):
-        texts = self.tokenizer.batch_decode([row[:n] for row, n in zip(resp_NxR.tolist(), lengths_N.tolist())],
-                                            skip_special_tokens=True)
-        references = [a for a in prompts.answers for _ in range(self.cfg.rollout.group_size)]
-        return texts, references, self.pool.submit(texts, references)
-
-    def _generate(self, prompts: PromptBatch, key, *, while_grading=None):
-        """SAMPLE + GRADE one batch of prompts. `while_grading(tokens, attn, sampler_logp)` is called
-        after the grading is submitted and before its result is awaited: device work it dispatches
-        (JAX dispatch is asynchronous) overlaps the host grading. Returns (rollouts, its result)."""
-        t = time.perf_counter()
-        resp, resp_mask, logp, lengths = self._sample(prompts, key)
-        self._times["time/sample_s"] += time.perf_counter() - t
-        texts, references, future = self._grade_async(prompts, resp, lengths)
-        G = self.cfg.rollout.group_size
-        tokens = np.concatenate([np.repeat(prompts.ids, G, axis=0), resp], axis=1)
-        attn = np.concatenate([np.repeat(prompts.mask, G, axis=0), resp_mask], axis=1)
-        overlapped = while_grading(tokens, attn, logp) if while_grading is not None else None
-        t = time.perf_counter()
-        graded = future.result()  # host sync: rewards are needed from here on
-        self._times["time/grade_wait_s"] += time.perf_counter() - t
-        rewards = compute_rewards(graded.scores, lengths, self.reward_cfg, responses=texts, references=references)
-        rollouts = Rollouts(tokens, attn, resp, resp_mask, logp, np.asarray(rewards, np.float32),
-                            np.asarray(graded.scores, np.float32), lengths, graded.metrics())
-        return rollouts, overlapped
-
-    def _collect(self, step_key) -> tuple[Rollouts, dict[str, float]]:
-        """PROMPTS, SAMPLE, GRADE and (DAPO) FILTER until the step's batch is full."""
-        cfg = self.cfg
-        P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
-        if not cfg.algo.dynamic_sampling:
-            return self._generate(self._next_prompts(), jax.random.fold_in(step_key, 0))[0], {}
-        kept: list[Rollouts] = []
-        dropped: list[Rollouts] = []
-        n_kept = 0
-        rounds = 0
-        while n_kept < P and rounds < cfg.algo.max_num_gen_batches:
-            batch, _ = self._generate(self._next_prompts(), jax.random.fold_in(step_key, rounds))
-            rounds += 1
-            per_group = batch.rewards_N.reshape(-1, G)
-            mixed = per_group.max(1) > per_group.min(1)
-            kept.append(batch.select_groups(np.flatnonzero(mixed), G))
-            dropped.append(batch.select_groups(np.flatnonzero(~mixed), G))
-            n_kept += int(mixed.sum())
-        merged = Rollouts.concat(kept + dropped, self.pad_id)  # kept groups first; the rest only fill the batch
-        batch = merged.select_groups(np.arange(P), G)
-        return batch, {"dynamic/rounds": rounds, "dynamic/mixed_groups": n_kept, "dynamic/filled": float(n_kept >= P)}
-
-    def _next_prompts(self) -> PromptBatch:
-        try:
-            batch = next(self.data)
-        except StopIteration as err:
-            raise TrainingError(str(err)) from None
-        return batch.trimmed() if self.cfg.data.trim_prompt_padding else batch
-
-    def _old_and_ref_logprobs(self, tokens, attn, sampler_logp):
-        if self.on_policy:  # the update uses the current policy's own log-probs as the old ones
-            (old_logp,) = self._put(np.zeros_like(sampler_logp))
-        elif self.cfg.algo.recompute_old_logprobs:
-            old_logp, _ = self._logprobs(self.state.params, tokens, attn)
-        else:
-            (old_logp,) = self._put(sampler_logp)
-        if self.ref_params is None:  # kl_coef = 0: no reference pass at all
-            return old_logp, jnp.zeros_like(old_logp)
-        return old_logp, self._logprobs(self.ref_params, tokens, attn)[0]
-
     def step(self, step: int) -> dict[str, Any]:
-        cfg = self.cfg
-        self._times = times = {"time/sample_s": 0.0, "time/grade_wait_s": 0.0}
-        t0 = time.perf_counter()
-        step_key = jax.random.fold_in(self.state.rng, step)
+        """Steps 1-6 of the module docstring; returns the step's metrics (step 7 is `run`'s)."""
+        timer = StageTimer("sample", "grade_wait")
+        with timer("step"):
+            # 1-4. PROMPTS, SAMPLE, GRADE, FILTER (rollouts.py); the old / reference log-probs
+            # are dispatched while the grading runs.
+            step_key = jax.random.fold_in(self.state.rng, step)
+            batch, (tokens, attn, old_logp, ref_logp), dyn_metrics = self.rollouts.collect(
+                self.state.params, step_key, timer, while_grading=self._logprobs_while_grading)
+            with timer("logprobs_wait"):
+                jax.block_until_ready((old_logp, ref_logp))
 
-        def logprobs_while_grading(tokens_np, attn_np, sampler_logp):
-            tokens, attn = self._put(tokens_np, attn_np)
-            return (tokens, attn, *self._old_and_ref_logprobs(tokens, attn, sampler_logp))
+            # 5. ADVANTAGES
+            with timer("advantages"):
+                resp, resp_mask, rewards = mesh_lib.place_batch(self.mesh, batch.resp_NxR, batch.resp_mask_NxR,
+                                                                batch.rewards_N)
+                adv = jax.block_until_ready(self._advantages(resp, resp_mask, rewards, ktae=self.ktae))
 
-        if cfg.algo.dynamic_sampling:  # the filter needs the rewards first: no overlap
-            batch, dyn_metrics = self._collect(step_key)
-            tokens, attn, old_logp, ref_logp = logprobs_while_grading(batch.tokens_NxT, batch.attn_NxT,
-                                                                      batch.sampler_logp_NxR)
-        else:
-            dyn_metrics = {}
-            batch, (tokens, attn, old_logp, ref_logp) = self._generate(
-                self._next_prompts(), jax.random.fold_in(step_key, 0), while_grading=logprobs_while_grading)
-        t = time.perf_counter()
-        jax.block_until_ready((old_logp, ref_logp))
-        times["time/logprobs_wait_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        resp, resp_mask, rewards = self._put(batch.resp_NxR, batch.resp_mask_NxR, batch.rewards_N)
-        adv = self._advantages(resp, resp_mask, rewards, ktae=self.ktae)
-        times["time/advantages_s"] = _block(adv, t)
-
-        t = time.perf_counter()
-        update = UpdateBatch(tokens, attn, resp_mask, adv, old_logp, ref_logp)
-        train = self._train_step_for(tokens.shape[1] - cfg.rollout.max_new_tokens)
-        self.state, metrics = train(self.state, update)
-        metrics = {k: float(v) for k, v in mesh_lib.to_host(metrics).items()}  # host sync: NaN check, logging
-        times["time/update_s"] = time.perf_counter() - t
-        times["time/step_s"] = time.perf_counter() - t0
-
-        lengths = batch.lengths_N
-        truncated = (lengths >= cfg.rollout.max_new_tokens) & ~np.isin(
-            batch.resp_NxR[np.arange(len(lengths)), np.maximum(lengths - 1, 0)], self.stop_ids)
-        metrics.update({
-            "reward/mean": float(batch.rewards_N.mean()), "reward/accuracy": float(batch.correct_N.mean()),
-            "response/length_mean": float(lengths.mean()), "response/length_max": int(lengths.max()),
-            "response/truncated_frac": float(truncated.mean()),
-            "optim/lr": learning_rate(cfg.optim, step * self._updates_per_step()),
-            "throughput/tokens_per_s": float(lengths.sum()) / times["time/step_s"],
-            **{k: v for k, v in batch.grade_metrics.items() if k != "reward/accuracy"}, **dyn_metrics, **times,
-        })
+            # 6. UPDATE
+            with timer("update"):
+                train = self._train_step_for(tokens.shape[1] - self.cfg.rollout.max_new_tokens)
+                self.state, metrics = train(self.state, UpdateBatch(tokens, attn, resp_mask, adv, old_logp, ref_logp))
+                metrics = {k: float(v) for k, v in mesh_lib.to_host(metrics).items()}  # host sync: NaN check, logging
+        metrics.update(self._rollout_metrics(batch, step, timer.seconds), **dyn_metrics, **timer.seconds)
         if self.ktae is not None:
             metrics.update(self._ktae_diagnostics(resp, resp_mask, rewards, adv))
         return metrics
 
-    def _updates_per_step(self) -> int:
-        cfg = self.cfg
-        return cfg.algo.ppo_epochs * cfg.rollout.prompts_per_step // cfg.mini_batch_prompts
+    def _logprobs_while_grading(self, tokens_NxT, attn_NxT, sampler_logp_NxR):
+        tokens, attn = mesh_lib.place_batch(self.mesh, tokens_NxT, attn_NxT)
+        if self.on_policy:  # the update uses the current policy's own log-probs as the old ones
+            (old_logp,) = mesh_lib.place_batch(self.mesh, np.zeros_like(sampler_logp_NxR))
+        elif self.cfg.algo.recompute_old_logprobs:
+            old_logp, _ = self._logprobs(self.state.params, tokens, attn)
+        else:
+            (old_logp,) = mesh_lib.place_batch(self.mesh, sampler_logp_NxR)
+        if self.ref_params is None:  # kl_coef = 0: no reference pass at all
+            return tokens, attn, old_logp, jnp.zeros_like(old_logp)
+        return tokens, attn, old_logp, self._logprobs(self.ref_params, tokens, attn)[0]
+
+    def _rollout_metrics(self, batch: Rollouts, step: int, times: dict[str, float]) -> dict[str, Any]:
+        cfg, lengths = self.cfg, batch.lengths_N
+        truncated = (lengths >= cfg.rollout.max_new_tokens) & ~np.isin(
+            batch.resp_NxR[np.arange(len(lengths)), np.maximum(lengths - 1, 0)], self.stop_ids)
+        updates_per_step = cfg.algo.ppo_epochs * cfg.rollout.prompts_per_step // cfg.mini_batch_prompts
+        return {
+            "reward/mean": float(batch.rewards_N.mean()), "reward/accuracy": float(batch.correct_N.mean()),
+            "response/length_mean": float(lengths.mean()), "response/length_max": int(lengths.max()),
+            "response/truncated_frac": float(truncated.mean()),
+            "optim/lr": learning_rate(cfg.optim, step * updates_per_step),
+            "throughput/tokens_per_s": float(lengths.sum()) / times["time/step_s"],
+            **{k: v for k, v in batch.grade_metrics.items() if k != "reward/accuracy"},
+        }
 
     def _ktae_diagnostics(self, resp, resp_mask, rewards, adv) -> dict[str, Any]:
         rollout = rollout_advantages(rewards, group_size=self.cfg.rollout.group_size, estimator=self.cfg.algo.estimator)
@@ -341,7 +217,7 @@ class Trainer:
         return {"ktae/top_positive": as_text(top_ids, top_vals), "ktae/top_negative": as_text(low_ids, low_vals),
                 "ktae/key_abs_mean": float(key_abs_mean)}
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints, export, validation
     def save(self, step: int) -> None:
         self.checkpointer.save(step, self.state, self.data.get_state(), self.cfg.to_dict())
 
@@ -375,32 +251,10 @@ class Trainer:
         protocol = Protocol(max_new_tokens=cfg.rollout.max_new_tokens, template=cfg.data.template,
                             system_prompt=cfg.data.system_prompt)
         summary = evaluate((self.graphdef, self.state.params), self.tokenizer, {"val": rows},
-                           out_dir=self.run_dir / "eval" / f"step_{step:06d}", max_new_tokens=protocol.max_new_tokens,
+                           out_dir=self.run_dir / "eval" / f"step_{step:06d}", protocol=protocol,
                            batch_prompts=cfg.rollout.prompts_per_step, mesh=self.mesh, pool=self.pool,
-                           limit=cfg.run.eval_limit or None, stop_ids=self.stop_ids, protocol=protocol, progress=False)
+                           limit=cfg.run.eval_limit or None, stop_ids=self.stop_ids, progress=False)
         return validation_metrics(summary) if summary else {}
-
-    def _abstract_batch(self, prompt_width: int) -> UpdateBatch:
-        cfg = self.cfg
-        N, Tp, R = cfg.rollout.prompts_per_step * cfg.rollout.group_size, prompt_width, cfg.rollout.max_new_tokens
-        shape = lambda s, d: jax.ShapeDtypeStruct(s, d, sharding=mesh_lib.batch_sharding(self.mesh, s))  # noqa: E731
-        return UpdateBatch(shape((N, Tp + R), jnp.int32), shape((N, Tp + R), jnp.int32), shape((N, R), jnp.int32),
-                           shape((N, R), jnp.float32), shape((N, R), jnp.float32), shape((N, R), jnp.float32))
-
-    def memory_report(self) -> str:
-        """The compiled update's memory analysis (XLA's own numbers)."""
-        analysis = self._train_step_for(self.cfg.data.max_prompt_len).memory_analysis()
-        if analysis is None:
-            return "compiled train step: no memory analysis on this backend"
-        mb = lambda n: f"{n / 2**20:.1f} MB"  # noqa: E731
-        return (f"compiled train step memory per device: arguments {mb(analysis.argument_size_in_bytes)}, "
-                f"outputs {mb(analysis.output_size_in_bytes)}, temporaries {mb(analysis.temp_size_in_bytes)}, "
-                f"generated code {mb(analysis.generated_code_size_in_bytes)}")
-
-
-def _block(x, start: float) -> float:
-    jax.block_until_ready(x)
-    return time.perf_counter() - start
 
 
 class _Preemption:
@@ -418,7 +272,8 @@ class _Preemption:
 
 
 def run(cfg: TrainConfig, *, max_steps: int | None = None, devices=None) -> dict[str, Any]:
-    """Train until `run.max_steps` (or `max_steps`, if given: stop early, e.g. to test resume)."""
+    """Train until `run.max_steps` (or `max_steps`, if given: stop early, e.g. to test resume):
+    `Trainer.step` (steps 1-6), then 7. LOG / SAVE."""
     trainer = Trainer(cfg, devices)
     start = trainer.restore_latest()
     stop_at = min(cfg.run.max_steps, max_steps) if max_steps is not None else cfg.run.max_steps
@@ -435,6 +290,7 @@ def run(cfg: TrainConfig, *, max_steps: int | None = None, devices=None) -> dict
     try:
         for step in range(start + 1, stop_at + 1):
             metrics = trainer.step(step)
+            # 7. LOG / SAVE: a non-finite loss stops the run before anything of this step is kept.
             if not all(math.isfinite(v) for k, v in metrics.items() if k.startswith(("loss/", "optim/grad_norm"))):
                 raise TrainingError(f"step {step}: non-finite loss or gradient ({ {k: v for k, v in metrics.items() if k.startswith('loss/')} }); "
                                     f"stopping without saving this state (last checkpoint: "

@@ -210,7 +210,8 @@ def test_evaluate_in_training_form(checkpoint, pool, tmp_path):
     rows = [{"problem": "what is 2 plus 3 ?", "answer": "5"}, {"problem": "what is 1 plus 1 ?", "answer": ["2"]},
             {"problem": "what is 3 times 3 ?", "answer": 9}]
     graphdef, params = nnx.split(model)
-    summary = ev.evaluate((graphdef, params), tokenizer, {"val": rows}, out_dir=tmp_path, max_new_tokens=NEW_TOKENS,
+    summary = ev.evaluate((graphdef, params), tokenizer, {"val": rows}, out_dir=tmp_path,
+                          protocol=ev.Protocol(max_new_tokens=NEW_TOKENS),
                           batch_prompts=4, pool=pool, progress=False)
     recs = _records(tmp_path / "val.jsonl")
     assert sorted(recs) == [0, 1, 2] and summary["benchmarks"]["val"]["items"] == 3

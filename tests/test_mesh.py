@@ -10,7 +10,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ktae_jax.mesh import (
-    MeshConfig, batch_sharding, gathered_over_fsdp, logical_sharding, logical_to_spec, make_mesh, shard_model,
+    MeshConfig, batch_devices, batch_sharding, gathered_over_fsdp, logical_sharding, logical_to_spec, make_mesh,
+    place_batch, shard_model,
     state_shardings,
 )
 
@@ -34,6 +35,18 @@ def test_make_mesh_axes_are_auto():
     assert mesh.axis_names == ("data", "fsdp", "tensor")
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+@pytest.mark.parametrize("axes, expected", [({}, 8), ({"fsdp": 2}, 8), ({"fsdp": 2, "tensor": 2}, 4),
+                                            ({"data": 1, "tensor": 8}, 1), ({"data": 2, "fsdp": 1, "tensor": 4}, 2)])
+def test_batch_devices_are_the_ways_a_batch_is_split(axes, expected):
+    cfg = MeshConfig(**axes)
+    mesh = make_mesh(cfg)
+    assert batch_devices(mesh) == cfg.batch_devices(8) == expected
+    assert batch_devices(None) == 1
+    (x,) = place_batch(mesh, np.arange(16 * 3).reshape(16, 3))  # rows split that many ways, nothing else
+    assert len({idx[0].start for idx in x.sharding.devices_indices_map(x.shape).values()}) == expected
+    np.testing.assert_array_equal(np.asarray(x), np.arange(16 * 3).reshape(16, 3))
 
 
 def test_rules_divisibility_and_no_axis_reuse():

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from _train_helpers import assert_same_parameters, make_workspace, read_metrics, tiny_config, tiny_overrides, without_times
 
+from ktae_jax.metrics import StageTimer
 from ktae_jax.models import load_pretrained
-from ktae_jax.train import Rollouts, Trainer, TrainingError, run
+from ktae_jax.rollouts import Rollouts
+from ktae_jax.train import Trainer, TrainingError, run
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -137,14 +139,15 @@ def test_dynamic_sampling_fills_the_batch_or_stops_at_its_limit(workspace, tmp_p
         G, P = 4, 8
         mixed = np.tile([0.0, 1.0, 0.0, 0.0], P)  # every group mixed
         rounds = iter([np.zeros(P * G), mixed.copy()])
-        monkeypatch.setattr(trainer, "_generate", lambda prompts, key, **kw: (_fake_rollouts(next(rounds), G), None))
-        batch, info = trainer._collect(jax.random.PRNGKey(0))
+        collector = trainer.rollouts
+        monkeypatch.setattr(collector, "_generate", lambda *args, **kw: (_fake_rollouts(next(rounds), G), None))
+        batch, _, info = collector.collect(trainer.state.params, jax.random.PRNGKey(0), StageTimer())
         assert info == {"dynamic/rounds": 2, "dynamic/mixed_groups": P, "dynamic/filled": 1.0}
         per_group = batch.rewards_N.reshape(-1, G)
         assert len(per_group) == P and np.all(per_group.max(1) > per_group.min(1))
 
-        monkeypatch.setattr(trainer, "_generate", lambda prompts, key, **kw: (_fake_rollouts(np.ones(P * G), G), None))
-        batch, info = trainer._collect(jax.random.PRNGKey(0))
+        monkeypatch.setattr(collector, "_generate", lambda *args, **kw: (_fake_rollouts(np.ones(P * G), G), None))
+        batch, _, info = collector.collect(trainer.state.params, jax.random.PRNGKey(0), StageTimer())
         assert info == {"dynamic/rounds": 3, "dynamic/mixed_groups": 0, "dynamic/filled": 0.0}
         assert batch.rewards_N.shape == (P * G,)  # still a full, static-shape batch
     finally:
@@ -183,6 +186,18 @@ def test_trimmed_prompt_padding_changes_nothing_but_the_work(workspace, tmp_path
     for key in ("loss/total", "loss/kl", "optim/grad_norm"):
         assert m_full[key] == pytest.approx(m_trim[key], rel=1e-4, abs=1e-6), key
     assert_same_parameters(p_full, p_trim, lr=1e-3)
+
+
+def test_stage_timer_sums_repeated_stages(monkeypatch):
+    from ktae_jax import metrics
+
+    clock = iter([0.0, 1.5, 10.0, 10.25, 20.0, 23.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    timer = StageTimer("sample", "grade_wait")
+    for stage in ("sample", "sample", "update"):  # two sampling rounds (DAPO), one update
+        with timer(stage):
+            pass
+    assert timer.seconds == {"time/sample_s": 1.75, "time/grade_wait_s": 0.0, "time/update_s": 3.0}
 
 
 def test_nan_loss_stops_without_a_poisoned_checkpoint(workspace, tmp_path):

@@ -12,7 +12,6 @@ shipped tiny base model.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -58,27 +57,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
-    import jax.numpy as jnp
-
     from ktae_jax.evaluate import EvalError, Protocol, evaluate, load_benchmarks, markdown_table
     from ktae_jax.mesh import MeshConfig, make_mesh
-    from ktae_jax.models import CheckpointError, eos_token_ids, load_pretrained
+    from ktae_jax.models import CheckpointError
+    from ktae_jax.policy import load_policy
 
     try:
         benchmarks = load_benchmarks(args.data_dir, names)
-        folder = pathlib.Path(args.checkpoint)
-        if args.checkpoint == "tiny":
-            from ktae_jax.tiny import ensure_base
-
-            folder = pathlib.Path(ensure_base())
         mesh = make_mesh(MeshConfig(data=-1, fsdp=args.mesh_fsdp, tensor=args.mesh_tensor))
-        model, tokenizer = load_pretrained(folder, dtype=jnp.dtype(args.dtype), mesh=mesh)
-        if tokenizer is None:
-            raise CheckpointError(f"{folder}: no tokenizer files")
+        policy = load_policy(args.checkpoint, dtype=args.dtype, mesh=mesh)
         summary = evaluate(
-            model, tokenizer, benchmarks, out_dir=args.out, batch_prompts=args.batch_prompts, mesh=mesh,
-            limit=args.limit, stop_ids=eos_token_ids(folder, model.config, tokenizer),
-            protocol=Protocol(max_new_tokens=args.max_new_tokens), label=folder.name,
+            policy.model, policy.tokenizer, benchmarks, out_dir=args.out, batch_prompts=args.batch_prompts, mesh=mesh,
+            limit=args.limit, stop_ids=policy.stop_ids,
+            protocol=Protocol(max_new_tokens=args.max_new_tokens), label=policy.folder.name,
             progress=not args.no_progress, grade_workers=args.workers or None, grade_timeout_s=args.grade_timeout,
         )
     except (EvalError, CheckpointError, ValueError) as err:

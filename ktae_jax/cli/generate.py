@@ -16,16 +16,17 @@ import sys
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from ktae_jax.models import eos_token_ids, load_pretrained
+from ktae_jax.data import left_pad
+from ktae_jax.models import CheckpointError
+from ktae_jax.policy import load_policy
 from ktae_jax.sample import SamplingConfig, sample
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ktae-generate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="Hugging Face folder (config.json, safetensors, tokenizer)")
+    ap.add_argument("--checkpoint", required=True, help="Hugging Face folder (config.json, safetensors, tokenizer)"
+                    " or 'tiny'")
     ap.add_argument("--prompt", required=True, action="append", help="prompt text; repeat for several prompts")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="argmax decoding")
@@ -55,22 +56,18 @@ def _encode(tokenizer, text: str, chat: bool) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    model, tokenizer = load_pretrained(args.checkpoint, dtype=jnp.dtype(args.dtype))
-    if tokenizer is None:
-        raise SystemExit(f"error: {args.checkpoint} has no tokenizer files")
+    try:
+        policy = load_policy(args.checkpoint, dtype=args.dtype)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
+    tokenizer = policy.tokenizer
     prompts = [_encode(tokenizer, p, args.chat) for p in args.prompt]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(map(len, prompts))
-    ids = np.full((len(prompts), width), pad, np.int32)
-    mask = np.zeros((len(prompts), width), np.int32)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    ids, mask = left_pad(prompts, max(map(len, prompts)), policy.pad_id)
     config = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        greedy=args.greedy, eos_ids=eos_token_ids(args.checkpoint, model.config, tokenizer), pad_id=pad,
-        num_samples=args.num_samples,
+        greedy=args.greedy, eos_ids=policy.stop_ids, pad_id=policy.pad_id, num_samples=args.num_samples,
     )
-    rollout = jax.device_get(sample(model, ids, mask, jax.random.key(args.seed), config))
+    rollout = jax.device_get(sample(policy.model, ids, mask, jax.random.key(args.seed), config))
     for row in range(rollout.tokens.shape[0]):
         n = int(rollout.lengths[row])
         token_ids = [int(t) for t in rollout.tokens[row, :n]]

@@ -50,11 +50,12 @@ def main(argv=None) -> int:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from ktae_jax.checkpoint import CheckpointError
     from ktae_jax.data import DataError
+    from ktae_jax.models import CheckpointError as ModelFolderError
     from ktae_jax.train import TrainingError, run
 
     try:
         run(config)
-    except (TrainingError, DataError, CheckpointError, ConfigError) as err:
+    except (TrainingError, DataError, CheckpointError, ModelFolderError, ConfigError) as err:
         print(f"ktae-train: {err}", file=sys.stderr)
         return 1
     return 0

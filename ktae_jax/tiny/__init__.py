@@ -36,7 +36,18 @@ def ensure_base(path: str | pathlib.Path | None = None, *, progress: bool = True
     return folder
 
 
+def base_folder(build: bool = True) -> pathlib.Path:
+    """The built-in model "tiny" (`ktae_jax.builtin`): the shipped base, made first if `build` and incomplete."""
+    return ensure_base() if build else _BASE
+
+
+def training_rows(cfg) -> list[dict]:
+    """The built-in data set "tiny" (`ktae_jax.builtin`): `cfg.tiny_train_size` problems (a `DataSection`)."""
+    problems = make_problems(cfg.tiny_train_size, seed=cfg.shuffle_seed)
+    return [{"problem": p["problem"], "answer": p["answer"], "source": f"tiny:{i}"} for i, p in enumerate(problems)]
+
+
 __all__ = [
-    "TaskConfig", "base_checkpoint_path", "ensure_base", "is_complete", "make_problems", "make_sft_examples",
-    "response_style", "write_jsonl",
+    "TaskConfig", "base_checkpoint_path", "base_folder", "ensure_base", "is_complete", "make_problems",
+    "make_sft_examples", "response_style", "training_rows", "write_jsonl",
 ]
