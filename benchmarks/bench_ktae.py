@@ -104,7 +104,8 @@ def main(argv=None):
         n_tokens = int(mask.sum())
         ours_1, temp_1 = bench_ours(tokens, mask, rewards, config, None, args.repeats)
         ours_n, temp_n = bench_ours(tokens, mask, rewards, config, mesh, args.repeats)
-        ours = np.asarray(token_advantages(tokens, mask, rewards, group_size=GROUP, vocab_size=VOCAB_ROWS, ktae=config))
+        ours = np.asarray(token_advantages(tokens, mask, rewards, group_size=GROUP, vocab_size=VOCAB_ROWS,
+                                           ktae=config).advantages)
 
         vec_groups = min(n_groups, 16)
         sl = slice(0, vec_groups * GROUP)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ktae_jax.advantages import Estimator
 from ktae_jax.ktae import KTAEConfig
 from ktae_jax.mesh import MeshConfig
 
@@ -60,7 +61,7 @@ class RolloutSection:
 
 @dataclasses.dataclass(frozen=True)
 class AlgoSection:
-    estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo"  # rollout-level advantage
+    estimator: Estimator = "grpo"  # rollout-level advantage (the names: advantages.ESTIMATORS)
     clip_low: float = 0.2  # ratio clipped below at 1 - clip_low
     clip_high: float = 0.2  # ... and above at 1 + clip_high (DAPO clip-higher: 0.28)
     clip_ratio_c: float = 0.0  # dual-clip constant for negative advantages (> 1; 0 = off; DAPO: 10)

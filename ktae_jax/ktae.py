@@ -3,8 +3,11 @@
 Within one group of G rollouts of a prompt, every token id v gets a key score from a 2x2
 contingency table (does v occur in the rollout / is the rollout correct):
 
-  1. split:   C = {g : reward[g] > 0}, W = the rest; n_c, n_w; a group with n_c = 0 or n_w = 0
-              scores 0 everywhere.
+  1. split:   C = {g : rollout g is correct}, W = the rest; n_c, n_w; a group with n_c = 0 or
+              n_w = 0 scores 0 everywhere. "Correct" is the grader's verdict where the caller has
+              it (`correct`); the functions here read it as `value > 0`, so the paper's 0/1 and
+              +-1 rewards can stand in for it, but shaped rewards (a format bonus, an overlong
+              penalty) cannot: pass the verdicts.
   2. table:   a = #rollouts in C containing v, b = same over W (masked positions only).
   3. stats:   F   = exp(-2 p), p the two-sided Fisher exact p-value (F = 0 at p = 1 when
                     `zero_fisher_at_p1`);
@@ -13,7 +16,9 @@ contingency table (does v occur in the rollout / is the rollout correct):
               x   = dir + gamma (tf_c / (tf_w + 1e-5) - tf_w / (tf_c + 1e-5)), tf BM25-saturated
                     term frequencies of v in C and in W.
   4. key:     s = (alpha F + beta IG) x / (alpha + beta);  key = top * 2 (sigmoid(s) - 1/2).
-  5. advantage: adv[g, t] = mask[g, t] (A[g] + key(tokens[g, t])), A the GRPO z-score.
+  5. advantage: adv[g, t] = mask[g, t] (A[g] + key(tokens[g, t])), A the GRPO z-score of the
+              (shaped) rewards, computed in `advantages.py` with every other rollout estimator;
+              a group whose rewards are all equal gets 0 there, key included.
 
 How it is made fast (the paper's step: 1,024 groups x 16 rollouts x 3,072 tokens, V = 151,936):
   * F, IG and dir depend only on the small integers (n_c, a, b) (n_w = G - n_c), so they are
@@ -234,7 +239,10 @@ def _check_group_size(group_size: int):
 
 @functools.partial(jax.jit, static_argnames=("vocab_size", "config"))
 def key_token_scores(tokens, mask, rewards, *, vocab_size: int, config: KTAEConfig = KTAEConfig()):
-    """Key score of every token id for one group: `[G, L]`, `[G, L]`, `[G]` -> `[vocab_size]` float32."""
+    """Key score of every token id for one group: `[G, L]`, `[G, L]`, `[G]` -> `[vocab_size]` float32.
+
+    Rollout g counts as correct where `rewards[g] > 0`: pass the grader's verdicts (0/1) when the
+    rewards are shaped."""
     tokens_GxL, mask_GxL, rewards_G = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(rewards)
     _check_group_size(tokens_GxL.shape[0])
     counts = _GroupCounts(tokens_GxL, mask_GxL, rewards_G > 0, vocab_size)
@@ -266,6 +274,8 @@ def key_scores_at_tokens(
 ):
     """`[B, L]`, `[B, L]`, `[B]` -> `[B, L]`: each position's key score within its group (0 if masked).
 
+    The third argument decides the split (correct where > 0): the grader's verdicts, or rewards
+    that are a function of them alone (0/1, +-1).
     Rows are grouped contiguously (B = groups x group_size). Groups are vmapped in chunks of
     `groups_per_chunk`, which bounds the vocabulary-sized tables alive at once. The default is
     one group at a time on CPU (XLA's batched scatters are slower there than a loop) and 16 at
@@ -289,23 +299,28 @@ def key_scores_at_tokens(
     return key_NxGxL.reshape(B, L)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "eps"))
-def grpo_advantages(rewards, *, group_size: int, eps: float = 1e-6):
-    """Rollout-level GRPO advantage `(r - mean) / (std + eps)` per group, unbiased std; 0 for groups of 1."""
-    rewards_NxG = jnp.asarray(rewards, jnp.float32).reshape(-1, group_size)
-    if group_size == 1:
-        return jnp.zeros(rewards_NxG.size, jnp.float32)
-    centred = rewards_NxG - rewards_NxG.mean(axis=1, keepdims=True)
-    std = jnp.std(rewards_NxG, axis=1, keepdims=True, ddof=1)
-    return (centred / (std + eps)).reshape(-1)
-
-
 @functools.partial(jax.jit, static_argnames=("group_size", "vocab_size", "config"))
-def ktae_advantages(tokens, mask, rewards, *, group_size: int, vocab_size: int, config: KTAEConfig = KTAEConfig()):
-    """Token-level KTAE advantage `mask * (A_grpo + key)`: `[B, L]`, `[B, L]`, `[B]` -> `[B, L]` float32."""
-    mask_BxL = jnp.asarray(mask)
-    key_BxL = key_scores_at_tokens(
-        tokens, mask_BxL, rewards, group_size=group_size, vocab_size=vocab_size, config=config
-    )
-    rollout_B = grpo_advantages(rewards, group_size=group_size, eps=config.eps)
-    return jnp.where(mask_BxL.astype(bool), rollout_B[:, None] + key_BxL, 0.0).astype(jnp.float32)
+def ktae_advantages(tokens, mask, rewards, *, group_size: int, vocab_size: int, config: KTAEConfig = KTAEConfig(),
+                    correct=None):
+    """Token-level KTAE advantage `mask * (A_grpo + key)`: `[B, L]`, `[B, L]`, `[B]` -> `[B, L]` float32.
+
+    The correct/wrong split is `correct > 0` when the grader's verdicts are given, else `rewards > 0`;
+    the GRPO part (`advantages.rollout_advantages`, eps = `config.eps`) uses `rewards`.
+    """
+    from ktae_jax.advantages import token_advantages  # advantages builds on this module
+
+    return token_advantages(tokens, mask, rewards, correct, group_size=group_size, vocab_size=vocab_size,
+                            estimator="grpo", eps=config.eps, ktae=config).advantages
+
+
+@functools.partial(jax.jit, static_argnames=("vocab_size", "k"))
+def strongest_key_tokens(tokens_NxR, mask_NxR, key_NxR, *, vocab_size: int, k: int):
+    """KTAE diagnostics: (ids, mean key) of the k most positive and k most negative token ids of a step."""
+    ids = jnp.where(mask_NxR > 0, tokens_NxR, vocab_size).reshape(-1)
+    total = jnp.zeros(vocab_size + 1, jnp.float32).at[ids].add(key_NxR.reshape(-1))
+    count = jnp.zeros(vocab_size + 1, jnp.float32).at[ids].add(1.0)
+    mean = (total / jnp.maximum(count, 1))[:vocab_size]
+    seen = count[:vocab_size] > 0
+    top_vals, top_ids = jax.lax.top_k(jnp.where(seen, mean, -jnp.inf), k)
+    low_vals, low_ids = jax.lax.top_k(jnp.where(seen, -mean, -jnp.inf), k)
+    return top_ids, top_vals, low_ids, -low_vals

@@ -1,10 +1,11 @@
 """The policy loss: clipped surrogate, KL to the reference policy, entropy bonus, aggregation.
 
-Per response token t (mask 1), with ratio r = exp(logp - old_logp) and advantage A:
+Per response token t (mask 1), with ratio r = exp(clamp(logp - old_logp, -20, 20)) and advantage A:
   1. surrogate:  pg = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))      (PPO; DAPO clip-higher)
   2. dual clip:  for A < 0, pg = min(pg, -A c) with c = clip_ratio_c > 1       (bounds huge ratios)
   3. KL to the frozen initial policy, with d = ref_logp - logp:
-                 k1 = -d,  k2 = d^2 / 2,  k3 = exp(d) - d - 1  (low_var_kl: k3 clamped to [-10, 10])
+                 k1 = -d,  k2 = d^2 / 2,  k3 = exp(d') - d' - 1 with d' = clamp(d, -20, 20)
+                 (low_var_kl: k3 further clamped to [-10, 10])
   4. token loss: pg + kl_coef * kl - entropy_coef * entropy
   5. aggregate over the mini-batch (normalisers are the mini-batch's, so gradient accumulation
      over micro-batches sums to exactly the mini-batch loss):
@@ -12,6 +13,15 @@ Per response token t (mask 1), with ratio r = exp(logp - old_logp) and advantage
        seq-mean-token-mean      mean over sequences of (sum_t loss / #tokens of that sequence)
        seq-mean-token-sum       mean over sequences of sum_t loss
        seq-mean-token-sum-norm  sum(loss) / (#sequences x max response length)   (Dr.GRPO)
+
+Masked positions (mask 0: padding, prompt-side columns) never reach the loss or its gradient,
+whatever they hold (inf, NaN, 1e30): every input is replaced there by a harmless 0 with `where`
+before any arithmetic, and aggregation selects with `where` too. Multiplying by the mask would
+not do: inf x 0 = NaN, and one such position would poison the whole mini-batch. The log-ratios
+are clamped to +-20 before `exp` (as verl does) so that an extreme but unmasked value cannot
+overflow float32 (exp overflows past ~88.7); beyond the clamp that token's ratio and k3 stop
+growing and carry no gradient, which the PPO clip and low_var_kl's clamp would mostly do anyway.
+
 Knows nothing of models: every input is an array of per-token numbers.
 """
 
@@ -21,7 +31,8 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-KL_CLAMP = 10.0
+KL_CLAMP = 10.0  # low_var_kl: k3 clamped to [-KL_CLAMP, KL_CLAMP]
+LOG_RATIO_CLAMP = 20.0  # |log-ratio| before exp (ratio and k3); exp(20) ~ 4.9e8
 
 
 class Normalisers(NamedTuple):
@@ -40,14 +51,20 @@ def kl_penalty(logp, ref_logp, estimator: str):
     if estimator == "k2":
         return 0.5 * d**2
     if estimator in ("k3", "low_var_kl"):
+        d = jnp.clip(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         k3 = jnp.exp(d) - d - 1
         return jnp.clip(k3, -KL_CLAMP, KL_CLAMP) if estimator == "low_var_kl" else k3
     raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2, k3 or low_var_kl")
 
 
+def policy_ratio(logp, old_logp):
+    """exp(logp - old_logp), the log-ratio clamped to +-LOG_RATIO_CLAMP first."""
+    return jnp.exp(jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
 def clipped_surrogate(logp, old_logp, adv, *, clip_low: float, clip_high: float, clip_ratio_c: float):
     """(token loss, clipped-by-PPO indicator, clipped-by-dual-clip indicator): steps 1 and 2."""
-    ratio = jnp.exp(logp - old_logp)
+    ratio = policy_ratio(logp, old_logp)
     unclipped = -adv * ratio
     clipped = -adv * jnp.clip(ratio, 1 - clip_low, 1 + clip_high)
     pg = jnp.maximum(unclipped, clipped)
@@ -63,8 +80,9 @@ def clipped_surrogate(logp, old_logp, adv, *, clip_low: float, clip_high: float,
 
 def aggregate(loss_BxT, mask_BxT, mode: str, norm: Normalisers):
     """Step 5: this slice's share of the mini-batch loss."""
-    mask = mask_BxT.astype(loss_BxT.dtype)
-    masked = loss_BxT * mask
+    keep = mask_BxT.astype(bool)
+    mask = keep.astype(loss_BxT.dtype)
+    masked = jnp.where(keep, loss_BxT, 0)
     if mode == "token-mean":
         return masked.sum() / jnp.maximum(norm.num_tokens, 1)
     if mode == "seq-mean-token-mean":
@@ -80,13 +98,16 @@ def aggregate(loss_BxT, mask_BxT, mode: str, norm: Normalisers):
 def policy_loss(logp, old_logp, ref_logp, adv, mask, entropy, norm: Normalisers, *, clip_low: float, clip_high: float,
                 clip_ratio_c: float, kl_coef: float, kl_estimator: str, entropy_coef: float, loss_agg: str):
     """(loss, metrics) for one slice of response tokens; every array is [B, T]."""
+    keep = jnp.asarray(mask).astype(bool)
+    # Masked positions hold 0 from here on (see the module docstring); `where` passes no gradient there.
+    logp, old_logp, ref_logp, adv, entropy = (jnp.where(keep, x, 0) for x in (logp, old_logp, ref_logp, adv, entropy))
     pg, ppo_clipped, dual_clipped = clipped_surrogate(
         logp, old_logp, adv, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c)
     token_loss = pg
     mean = lambda x: aggregate(x.astype(jnp.float32), mask, "token-mean", norm)  # noqa: E731
     metrics = {"loss/pg": aggregate(pg, mask, loss_agg, norm), "loss/clip_frac": mean(ppo_clipped),
                "loss/dual_clip_frac": mean(dual_clipped), "loss/entropy": mean(entropy),
-               "loss/ratio_mean": mean(jnp.exp(logp - old_logp))}
+               "loss/ratio_mean": mean(policy_ratio(logp, old_logp))}
     if kl_coef:
         kl = kl_penalty(logp, ref_logp, kl_estimator)
         token_loss = token_loss + kl_coef * kl

@@ -208,16 +208,3 @@ def train_step(state: TrainState, batch: UpdateBatch, *, graphdef, tx: optax.Gra
     (params, opt_state), metrics = jax.lax.scan(epoch, (state.params, state.opt_state), None, length=algo.ppo_epochs)
     metrics = jax.tree.map(jnp.mean, metrics)
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
-
-
-@functools.partial(jax.jit, static_argnames=("vocab_size", "k"))
-def strongest_key_tokens(tokens_NxR, mask_NxR, key_NxR, *, vocab_size: int, k: int):
-    """KTAE diagnostics: (ids, mean key) of the k most positive and k most negative token ids of a step."""
-    ids = jnp.where(mask_NxR > 0, tokens_NxR, vocab_size).reshape(-1)
-    total = jnp.zeros(vocab_size + 1, jnp.float32).at[ids].add(key_NxR.reshape(-1))
-    count = jnp.zeros(vocab_size + 1, jnp.float32).at[ids].add(1.0)
-    mean = (total / jnp.maximum(count, 1))[:vocab_size]
-    seen = count[:vocab_size] > 0
-    top_vals, top_ids = jax.lax.top_k(jnp.where(seen, mean, -jnp.inf), k)
-    low_vals, low_ids = jax.lax.top_k(jnp.where(seen, -mean, -jnp.inf), k)
-    return top_ids, top_vals, low_ids, -low_vals

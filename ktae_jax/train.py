@@ -32,17 +32,18 @@ import yaml
 from flax import nnx
 
 from ktae_jax import mesh as mesh_lib
-from ktae_jax.advantages import rollout_advantages, token_advantages
+from ktae_jax.advantages import token_advantages
 from ktae_jax.checkpoint import Checkpointer
 from ktae_jax.config import TrainConfig
 from ktae_jax.data import PromptData, load_rows
+from ktae_jax.ktae import strongest_key_tokens
 from ktae_jax.metrics import MetricsLogger, StageTimer
 from ktae_jax.models import save_pretrained
 from ktae_jax.policy import load_policy
 from ktae_jax.rewards import GraderPool
 from ktae_jax.rollouts import RolloutCollector, Rollouts
 from ktae_jax.step import (TrainState, UpdateBatch, UpdateSettings, learning_rate, make_optimizer, rollout_logprobs,
-                           strongest_key_tokens, train_step)
+                           train_step)
 
 
 class TrainingError(RuntimeError):
@@ -165,9 +166,11 @@ class Trainer:
 
             # 5. ADVANTAGES
             with timer("advantages"):
-                resp, resp_mask, rewards = mesh_lib.place_batch(self.mesh, batch.resp_NxR, batch.resp_mask_NxR,
-                                                                batch.rewards_N)
-                adv = jax.block_until_ready(self._advantages(resp, resp_mask, rewards, ktae=self.ktae))
+                # KTAE splits on the grader's verdict; the rollout advantage uses the shaped reward.
+                resp, resp_mask, rewards, correct = mesh_lib.place_batch(
+                    self.mesh, batch.resp_NxR, batch.resp_mask_NxR, batch.rewards_N,
+                    (batch.correct_N > 0).astype(np.float32))
+                adv, key = jax.block_until_ready(self._advantages(resp, resp_mask, rewards, correct, ktae=self.ktae))
 
             # 6. UPDATE
             with timer("update"):
@@ -175,8 +178,8 @@ class Trainer:
                 self.state, metrics = train(self.state, UpdateBatch(tokens, attn, resp_mask, adv, old_logp, ref_logp))
                 metrics = {k: float(v) for k, v in mesh_lib.to_host(metrics).items()}  # host sync: NaN check, logging
         metrics.update(self._rollout_metrics(batch, step, timer.seconds), **dyn_metrics, **timer.seconds)
-        if self.ktae is not None:
-            metrics.update(self._ktae_diagnostics(resp, resp_mask, rewards, adv))
+        if key is not None:
+            metrics.update(self._ktae_diagnostics(resp, resp_mask, key))
         return metrics
 
     def _logprobs_while_grading(self, tokens_NxT, attn_NxT, sampler_logp_NxR):
@@ -205,9 +208,7 @@ class Trainer:
             **{k: v for k, v in batch.grade_metrics.items() if k != "reward/accuracy"},
         }
 
-    def _ktae_diagnostics(self, resp, resp_mask, rewards, adv) -> dict[str, Any]:
-        rollout = rollout_advantages(rewards, group_size=self.cfg.rollout.group_size, estimator=self.cfg.algo.estimator)
-        key = jnp.where(resp_mask > 0, adv - rollout[:, None], 0.0)
+    def _ktae_diagnostics(self, resp, resp_mask, key) -> dict[str, Any]:
         k = self.cfg.run.ktae_top_tokens
         top_ids, top_vals, low_ids, low_vals = mesh_lib.to_host(
             strongest_key_tokens(resp, resp_mask, key, vocab_size=self.vocab_size, k=k))

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from ktae_reference import naive_group_scores, naive_ktae_advantages
 from scipy import stats
 
-from ktae_jax.ktae import KTAEConfig, fisher_p_table, key_scores_at_tokens, key_token_scores, ktae_advantages
+from ktae_jax.ktae import (KTAEConfig, fisher_p_table, key_scores_at_tokens, key_token_scores, ktae_advantages,
+                           strongest_key_tokens)
 
 GOLDEN_TOL = 1e-5
 
@@ -234,3 +235,15 @@ def test_rejects_bad_shapes():
         ktae_advantages(np.zeros((6, 3), np.int32), np.ones((6, 3)), np.zeros(6), group_size=4, vocab_size=5)
     with pytest.raises(ValueError, match="alpha"):
         KTAEConfig(alpha=0, beta=0)
+
+
+def test_strongest_key_tokens_by_hand():
+    # ids 1..4 at masked positions with mean key +0.5, -0.2, +0.1, -0.6; id 5 only where masked out.
+    tokens = np.array([[1, 2, 3, 5], [1, 4, 2, 5]], np.int32)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 0]], np.int8)
+    key = np.array([[0.4, -0.1, 0.1, 9.0], [0.6, -0.6, -0.3, 9.0]], np.float32)
+    top_ids, top_vals, low_ids, low_vals = (np.asarray(x) for x in
+                                            strongest_key_tokens(tokens, mask, key, vocab_size=7, k=2))
+    assert top_ids.tolist() == [1, 3] and low_ids.tolist() == [4, 2]
+    np.testing.assert_allclose(top_vals, [0.5, 0.1], atol=1e-7)
+    np.testing.assert_allclose(low_vals, [-0.6, -0.2], atol=1e-7)

@@ -1,5 +1,9 @@
-"""The policy loss against hand-computed NumPy: surrogate, dual clip, KL estimators, aggregation modes."""
+"""The policy loss against hand-computed NumPy: surrogate, dual clip, KL estimators, aggregation modes; masked
+positions and extreme log-ratios."""
 
+import functools
+
+import jax
 import numpy as np
 import pytest
 
@@ -71,3 +75,71 @@ def test_policy_loss_composes_terms():
     loss0, metrics0 = policy_loss(LOGP, OLD, REF, ADV, MASK, entropy, norm, kl_coef=0.0, entropy_coef=0.0, **kwargs)
     assert "loss/kl" not in metrics0
     assert float(loss0) == pytest.approx(float(metrics0["loss/pg"]), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked positions and extreme log-ratios (issue 13.2).
+# ---------------------------------------------------------------------------------------------
+
+GARBAGE = [np.inf, -np.inf, np.nan, 1e30, -1e30, 3e38]
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_and_grads_fn(mode, kl_estimator, clip_ratio_c):
+    """jit(value and gradient in logp and entropy) of the policy loss; compiled once per setting."""
+    norm = Normalisers(num_tokens=np.float32(MASK.sum()), num_seqs=np.float32(3), max_len=np.float32(5))
+
+    def loss_fn(logp, entropy, old, ref, adv):
+        return policy_loss(logp, old, ref, adv, MASK, entropy, norm, clip_low=0.2, clip_high=0.28,
+                           clip_ratio_c=clip_ratio_c, kl_coef=0.1, kl_estimator=kl_estimator, entropy_coef=0.01,
+                           loss_agg=mode)
+
+    return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
+
+
+def _loss_and_grads(logp, old, ref, adv, entropy, *setting):
+    (loss, metrics), grads = _loss_and_grads_fn(*setting)(logp, entropy, old, ref, adv)
+    return loss, metrics, grads
+
+
+@pytest.mark.parametrize("mode,kl_estimator,clip_ratio_c", [("token-mean", "low_var_kl", 0.0),
+                                                            ("seq-mean-token-mean", "k3", 3.0),
+                                                            ("seq-mean-token-sum", "k2", 0.0),
+                                                            ("seq-mean-token-sum-norm", "k1", 10.0)])
+def test_masked_positions_never_reach_loss_or_gradient(mode, kl_estimator, clip_ratio_c):
+    entropy = RNG.uniform(0, 2, (3, 5)).astype(np.float32)
+    clean = _loss_and_grads(LOGP, OLD, REF, ADV, entropy, mode, kl_estimator, clip_ratio_c)
+    assert np.isfinite(float(clean[0]))
+    masked = MASK == 0
+    for value in GARBAGE:
+        for poisoned in range(6):  # each input in turn, then all at once
+            inputs = [x.copy() for x in (LOGP, OLD, REF, ADV, entropy)]
+            for i in ([poisoned] if poisoned < 5 else range(5)):
+                inputs[i][masked] = value
+            dirty = _loss_and_grads(*inputs, mode, kl_estimator, clip_ratio_c)
+            np.testing.assert_array_equal(float(dirty[0]), float(clean[0]), err_msg=f"{value} in input {poisoned}")
+            for key in clean[1]:
+                np.testing.assert_array_equal(float(dirty[1][key]), float(clean[1][key]), err_msg=key)
+            for g_dirty, g_clean in zip(dirty[2], clean[2]):
+                np.testing.assert_array_equal(np.asarray(g_dirty), np.asarray(g_clean))
+
+
+def test_log_ratios_clamped_before_exp():
+    # Unmasked extreme log-ratios: finite loss and gradient, ratio and k3 capped at exp(20).
+    logp = np.array([[-0.5, -200.0, -1.0]], np.float32)
+    old = np.array([[-0.4, -1.0, -150.0]], np.float32)
+    ref = np.array([[150.0, -1.0, -250.0]], np.float32)
+    d = np.clip(ref.astype(np.float64) - logp, -20, 20)
+    np.testing.assert_allclose(kl_penalty(logp, ref, "k3"), np.exp(d) - d - 1, rtol=1e-6)
+    np.testing.assert_allclose(kl_penalty(logp, ref, "low_var_kl"), np.clip(np.exp(d) - d - 1, -10, 10), rtol=1e-6)
+    ratio = np.exp(np.clip(logp.astype(np.float64) - old, -20, 20))
+    adv = np.array([[1.0, -1.0, -1.0]], np.float32)
+    pg, _, _ = clipped_surrogate(logp, old, adv, clip_low=0.2, clip_high=0.2, clip_ratio_c=0.0)
+    np.testing.assert_allclose(pg, np.maximum(-adv * ratio, -adv * np.clip(ratio, 0.8, 1.2)), rtol=1e-6)
+    mask = np.ones((1, 3), np.int32)
+    norm = Normalisers(num_tokens=np.float32(3), num_seqs=np.float32(1), max_len=np.float32(3))
+    for estimator in ("k3", "low_var_kl"):
+        grad = jax.grad(lambda lp: policy_loss(lp, old, ref, adv, mask, np.zeros((1, 3), np.float32), norm,
+                                               clip_low=0.2, clip_high=0.2, clip_ratio_c=0.0, kl_coef=0.1,
+                                               kl_estimator=estimator, entropy_coef=0.0, loss_agg="token-mean")[0])(logp)
+        assert np.all(np.isfinite(np.asarray(grad)))
