@@ -74,6 +74,21 @@ def make_optimizer(cfg: OptimSection) -> optax.GradientTransformation:
     return optax.chain(*chain, adamw)
 
 
+def optimizer_shardings(tx: optax.GradientTransformation, params: Any, mesh) -> Any:
+    """Shardings of `tx.init(params)`: each moment laid out like its parameter (FSDP splits the
+    optimizer state as it splits the weights), leaves that are not per-parameter (Adam's step
+    count) replicated. `params` may be abstract; each leaf must carry its `.sharding`."""
+    abstract = jax.eval_shape(tx.init, params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return optax.tree_map_params(tx, lambda _, p: p.sharding, abstract, params,
+                                 transform_non_params=lambda _: replicated)
+
+
+def init_optimizer(tx: optax.GradientTransformation, params: Any, mesh) -> Any:
+    """`tx.init(params)` made directly in its sharded layout (`optimizer_shardings`)."""
+    return jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))(params)
+
+
 def learning_rate(cfg: OptimSection, update: int) -> float:
     return cfg.lr * min(1.0, update / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 

@@ -42,8 +42,8 @@ from ktae_jax.models import save_pretrained
 from ktae_jax.policy import load_policy
 from ktae_jax.rewards import GraderPool
 from ktae_jax.rollouts import RolloutCollector, Rollouts
-from ktae_jax.step import (TrainState, UpdateBatch, UpdateSettings, learning_rate, make_optimizer, rollout_logprobs,
-                           train_step)
+from ktae_jax.step import (TrainState, UpdateBatch, UpdateSettings, init_optimizer, learning_rate, make_optimizer,
+                           rollout_logprobs, train_step)
 
 
 class TrainingError(RuntimeError):
@@ -88,11 +88,7 @@ class Trainer:
         # A raw uint32 key (checkpoints as a plain array), placed like every other state leaf so that
         # the state's layout is the same before and after the first step (no recompilation).
         rng = jax.device_put(jax.random.PRNGKey(self.cfg.run.seed), replicated)
-        # Moments follow their parameters' shardings; leaves made from nothing (Adam's step count)
-        # would land on one device: replicate those over the mesh.
-        mesh_devices = set(self.mesh.devices.flat)
-        opt_state = jax.tree.map(lambda x: x if x.sharding.device_set == mesh_devices else jax.device_put(x, replicated),
-                                 jax.jit(self.tx.init)(params))
+        opt_state = init_optimizer(self.tx, params, self.mesh)  # moments sharded like their parameters
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
         return TrainState(params=params, opt_state=opt_state, step=step, rng=rng)
 

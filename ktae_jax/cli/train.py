@@ -1,4 +1,5 @@
-"""`ktae-train --config FILE [--config FILE ...] [--run-dir DIR] [--max-steps N] [--dry-run] [key=value ...]`."""
+"""`ktae-train --config FILE [--config FILE ...] [--run-dir DIR] [--max-steps N] [--dry-run]
+[--compile-only --target NAME [--json]] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, help="= run.max_steps")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config, mesh, per-device batch and memory estimate; do not train")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the run's programs ahead of time for --target and report whether they fit; "
+                        "exit 0 if all fit, 1 if not (no hardware needed)")
+    parser.add_argument("--target", help="compile-only: v4-N, v5p-N, v5e-N, v6e-N, h100xN, h200xN or a100xN")
+    parser.add_argument("--json", action="store_true", help="compile-only: end with the report as one JSON line")
     parser.add_argument("--devices", type=int, help="dry run: plan for this many devices (default: the mesh's "
                         "product, or this machine's devices when an axis is -1)")
     parser.add_argument("--coordinator", help="multi-host: coordinator host:port (auto-detected on TPU and SLURM)")
@@ -36,6 +42,8 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"ktae-train: config error: {err}", file=sys.stderr)
         return 2
+    if args.compile_only or args.target or args.json:
+        return _compile_only(config, args)
     if args.dry_run:
         from ktae_jax.plan import dry_run
 
@@ -59,6 +67,24 @@ def main(argv=None) -> int:
         print(f"ktae-train: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _compile_only(config, args) -> int:
+    if not (args.compile_only and args.target):
+        print("ktae-train: --target and --json go with --compile-only, which needs --target", file=sys.stderr)
+        return 2
+    from ktae_jax.aot import compile_only, format_report, to_json
+    from ktae_jax.hardware import TargetError
+
+    try:
+        report = compile_only(config, args.target)
+    except (ConfigError, TargetError, FileNotFoundError) as err:
+        print(f"ktae-train: {err}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json:
+        print(to_json(report))
+    return 0 if report["fits"] else 1
 
 
 if __name__ == "__main__":
