@@ -2,10 +2,12 @@
 the mini/micro-batch layout change nothing but the work done."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -129,3 +131,40 @@ def test_sharing_prompts_in_the_update_changes_nothing_but_the_work():
             np.testing.assert_allclose(float(m[key]), float(m0[key]), rtol=1e-5, err_msg=key)
         for a, b in zip(p, p0):  # Adam amplifies the rounding of near-zero gradients: 0.1% of lr
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("data, fsdp, tensor", [(8, 1, 1), (2, 4, 1), (1, 8, 1), (1, 4, 2)])
+def test_optimizer_state_is_sharded_like_its_parameters(data, fsdp, tensor):
+    """Every AdamW moment lives where its parameter lives (FSDP splits the optimizer state too);
+    Adam's step count is replicated over the whole mesh. Per device: 2 x the parameters' bytes."""
+    from ktae_jax.mesh import MeshConfig, make_mesh, shard_model
+    from ktae_jax.step import init_optimizer
+
+    mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
+    cfg = ModelConfig.from_hf(dict(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=False))
+    _, params = nnx.split(shard_model(init_random(cfg), mesh))
+    tx = make_optimizer(OptimSection(lr=1e-3, grad_clip=1.0, warmup_steps=2))
+    opt = init_optimizer(tx, params, mesh)
+    flat = jax.tree.leaves(params)
+    for moments in (optax.tree_utils.tree_get(opt, "mu"), optax.tree_utils.tree_get(opt, "nu")):
+        for moment, param in zip(jax.tree.leaves(moments), flat, strict=True):
+            assert moment.sharding.is_equivalent_to(param.sharding, param.ndim), (moment.sharding, param.sharding)
+            assert moment.shape == param.shape and moment.dtype == param.dtype
+    every_device = set(mesh.devices.flat)
+    counts = [x for x in jax.tree.leaves(opt) if x.ndim == 0]
+    assert counts and all(c.sharding.is_fully_replicated and c.sharding.device_set == every_device for c in counts)
+
+    def on_device_0(tree):
+        device = mesh.devices.flat[0]
+        return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+
+    total = sum(x.nbytes for x in flat)
+    expected = total if fsdp * tensor == 1 else sum(  # by hand: each weight split over fsdp x tensor
+        x.nbytes // math.prod(mesh.shape[a] for axes in x.sharding.spec if axes
+                              for a in ((axes,) if isinstance(axes, str) else axes)) for x in flat)
+    assert on_device_0(params) == expected
+    assert on_device_0(opt) == 2 * expected + 4 * len(counts)
+    if fsdp == 8:  # every matrix divides by 8: an eighth of the moments per device, not all of them
+        assert on_device_0(opt) < 2 * total / 4

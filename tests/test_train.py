@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 from _train_helpers import assert_same_parameters, make_workspace, read_metrics, tiny_config, tiny_overrides, without_times
 
@@ -110,6 +111,10 @@ def test_one_device_and_eight_devices_agree(workspace, tmp_path, capfd):
             if name == "eight":
                 leaf = jax.tree.leaves(trainer.state.params)[0]
                 assert len(leaf.sharding.device_set) == 8
+                # The optimizer state is split like the parameters (FSDP), not replicated.
+                for moment, param in zip(jax.tree.leaves(optax.tree_utils.tree_get(trainer.state.opt_state, "nu")),
+                                         jax.tree.leaves(trainer.state.params), strict=True):
+                    assert moment.sharding.is_equivalent_to(param.sharding, param.ndim)
                 # FSDP gathers the weights; XLA never has to re-split the activations by the embedding
                 # (it says so on stderr: "Involuntary full rematerialization").
                 assert "Involuntary full rematerialization" not in capfd.readouterr().err
