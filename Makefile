@@ -17,7 +17,8 @@ $(RUNTIME): pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/pip install --quiet -e .
 	@touch $@
 
-# Plus the test extra (pytest, hypothesis, torch==2.13.0 CPU for the parity tests, ...).
+# Plus the test extra (pytest, hypothesis, torch==2.13.0 CPU for the parity tests, libtpu and the CUDA
+# compiler for the compile-only tests, ...).
 $(TESTDEPS): pyproject.toml $(RUNTIME)
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	@touch $@
@@ -27,8 +28,9 @@ setup: $(TESTDEPS)
 demo: $(RUNTIME)
 	$(VENV)/bin/python -m ktae_jax.demo
 
+# JAX_PLATFORMS=cpu: libtpu and the CUDA plugin (for the compile-only tests) stay unloaded at start.
 test: $(TESTDEPS)
-	$(VENV)/bin/python -m pytest -q tests
+	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q tests
 
 bench: $(TESTDEPS)
 	$(VENV)/bin/python benchmarks/bench_ktae.py

@@ -67,3 +67,39 @@ jax_version() {
   local root=$1
   sed -n 's/^ *"jax>=\([0-9.]*\)",*/\1/p' "$root/pyproject.toml" | head -n 1
 }
+
+# The compile-only fit check: `fit_check TARGET ktae-train-args...` compiles the run's programs for
+# TARGET on this machine (no hardware: see `ktae-train --compile-only`) and stops the script if
+# they do not fit, before anything is created or booked. It runs in dry runs too (it books
+# nothing). NO_CHECK=1 (--no-check) skips it.
+NO_CHECK=${NO_CHECK:-0}
+fit_check() {
+  local target=$1
+  shift
+  local cmd=(ktae-train "$@" --compile-only --target "$target")
+  if [[ $NO_CHECK == 1 ]]; then
+    echo "# fit check skipped (--no-check): $(show "${cmd[@]}" | sed 's/^+ //')"
+    return 0
+  fi
+  command -v ktae-train >/dev/null ||
+    die "the fit check needs ktae-train here: pip install '.[tpu,cuda]' from this checkout (or pass --no-check)"
+  show "${cmd[@]}"
+  local rc=0
+  "${cmd[@]}" || rc=$?
+  case $rc in
+    0) echo "# fit check: the plan fits on $target" ;;
+    1) echo "$(basename "$0"): error: the plan does not fit on $target (figures above); nothing was started" >&2
+       exit 1 ;;
+    *) die "the fit check for $target failed (ktae-train exit $rc; see above), or pass --no-check" ;;
+  esac
+}
+
+# `gpu_model NAME`: the --compile-only name of a GPU from its nvidia-smi name (H100 -> h100).
+gpu_model() {
+  case ${1^^} in
+    *H200*) echo h200 ;;
+    *H100*) echo h100 ;;
+    *A100*) echo a100 ;;
+    *) return 1 ;;
+  esac
+}

@@ -21,7 +21,11 @@ Options:
   --setup              first create --venv and install jax[cuda12] and this checkout into it
   --jax-version V      jax version for --setup (default: the version this checkout pins)
   --mem-fraction F     share of each GPU's memory JAX may reserve (XLA_PYTHON_CLIENT_MEM_FRACTION)
-  --dry-run            print the commands (pip, ktae-train) without running them
+  --gpu-type TYPE      h100, h200 or a100, for the fit check (default: from nvidia-smi)
+  --no-check           skip the fit check
+  --dry-run            print the commands (pip, ktae-train) without running them; only the fit check
+                       runs: `ktae-train CONFIGS --compile-only --target TYPExN` (N: the GPUs used)
+                       compiles the run here and refuses a plan that does not fit (real runs too)
   -h, --help           this help
 USAGE
 }
@@ -31,7 +35,7 @@ root="$(dirname "$here")"
 # shellcheck source=launch/_common.sh
 source "$here/_common.sh"
 
-run_dir="" gpus="" venv="" setup=0 jax_ver="" mem_fraction=""
+run_dir="" gpus="" venv="" setup=0 jax_ver="" mem_fraction="" gpu_type=""
 configs=() train_args=()
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -43,6 +47,8 @@ while [[ $# -gt 0 ]]; do
     --setup) setup=1; shift ;;
     --jax-version) need_value "$1" $# "${2:-}"; jax_ver=$2; shift 2 ;;
     --mem-fraction) need_value "$1" $# "${2:-}"; mem_fraction=$2; shift 2 ;;
+    --gpu-type) need_value "$1" $# "${2:-}"; gpu_type=$2; shift 2 ;;
+    --no-check) NO_CHECK=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     --) shift; train_args=("$@"); break ;;
     *) die "unknown argument '$1'" ;;
@@ -59,6 +65,27 @@ if [[ $DRY_RUN != 1 ]] && ! command -v nvidia-smi >/dev/null; then
   die "nvidia-smi not found: this host has no NVIDIA driver (use launch/local_cpu.sh on CPU)"
 fi
 jax_ver=${jax_ver:-$(jax_version "$root")}
+
+# Does the plan fit these GPUs? (The check sees the same memory fraction as the run.)
+if [[ $NO_CHECK != 1 ]]; then
+  if [[ -n $gpus ]]; then
+    count=$(tr ',' '\n' <<< "$gpus" | wc -l)
+  elif command -v nvidia-smi >/dev/null; then
+    count=$(nvidia-smi -L | wc -l)
+  else
+    die "cannot tell how many GPUs the run uses: give --gpus (or --no-check)"
+  fi
+  if [[ -z $gpu_type ]]; then
+    command -v nvidia-smi >/dev/null || die "give --gpu-type (h100, h200, a100) for the fit check, or --no-check"
+    name=$(nvidia-smi --query-gpu=name --format=csv,noheader | sed -n 1p)
+    gpu_type=$(gpu_model "$name") || die "no compile target for GPU '$name': give --gpu-type or --no-check"
+  fi
+  [[ $gpu_type =~ ^(h100|h200|a100)$ ]] || die "--gpu-type must be h100, h200 or a100, got '$gpu_type'"
+  check_args=()
+  for c in "${configs[@]}"; do check_args+=(--config "$c"); done
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${mem_fraction:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-}} \
+    fit_check "${gpu_type}x$count" "${check_args[@]}" "${train_args[@]}"
+fi
 
 if [[ $setup == 1 ]]; then
   run python3 -m venv "$venv"

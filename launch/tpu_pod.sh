@@ -25,7 +25,8 @@ Required:
 
 Options:
   --project ID         gcloud project (default: gcloud's configured project)
-  --version RUNTIME    TPU VM software version (default: tpu-ubuntu2204-base)
+  --version RUNTIME    TPU VM software version (default: by generation: v4 tpu-ubuntu2204-base,
+                       v5e v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e)
   --run-name NAME      run folder under gs://BUCKET/runs/ (default: the first config's name)
   --wheel FILE         the ktae-jax wheel to install (default: built here from this checkout with
                        `pip wheel --no-deps`, so every worker runs exactly this version)
@@ -34,7 +35,10 @@ Options:
   --location REGION    bucket location when it is created (default: the zone's region)
   --spot               create the slice as Spot capacity
   --detach             start training in the background on the workers and return
-  --dry-run            print every command (gcloud, pip, ktae-train) without running any
+  --no-check           skip the fit check (see --dry-run)
+  --dry-run            print every command (gcloud, pip, ktae-train) without running any; only the
+                       fit check runs: `ktae-train CONFIGS --compile-only --target TYPE` compiles the
+                       run for the slice here and refuses a plan that does not fit (real runs too)
   -h, --help           this help
 
 Everything after `--` goes to ktae-train, e.g. `-- model.path=/home/$USER/gcs/models/Qwen2.5-Math-1.5B`.
@@ -46,7 +50,7 @@ root="$(dirname "$here")"
 # shellcheck source=launch/_common.sh
 source "$here/_common.sh"
 
-name="" zone="" accelerator="" bucket="" project="" version="tpu-ubuntu2204-base" run_name=""
+name="" zone="" accelerator="" bucket="" project="" version="" run_name=""
 package="" wheel="" jax_ver="" location="" spot=0 detach=0
 configs=() train_args=()
 while [[ $# -gt 0 ]]; do
@@ -66,6 +70,7 @@ while [[ $# -gt 0 ]]; do
     --location) need_value "$1" $# "${2:-}"; location=$2; shift 2 ;;
     --spot) spot=1; shift ;;
     --detach) detach=1; shift ;;
+    --no-check) NO_CHECK=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     --) shift; train_args=("$@"); break ;;
     *) die "unknown argument '$1'" ;;
@@ -81,6 +86,16 @@ done
 [[ $name =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "--name '$name': lowercase letters, digits and '-', starting with a letter"
 [[ $zone =~ ^[a-z]+-[a-z]+[0-9]+-[a-z]$ ]] || die "--zone '$zone' is not a zone (e.g. us-central2-b)"
 [[ $accelerator =~ ^v[0-9]+[a-z]*-[0-9]+$ ]] || die "--accelerator '$accelerator' is not a TPU type (e.g. v4-32, v5p-128)"
+if [[ -z $version ]]; then
+  # Cloud TPU's documented runtime per generation (a v4 image cannot boot a v5 or v6 slice).
+  case ${accelerator%%-*} in
+    v4) version=tpu-ubuntu2204-base ;;
+    v5litepod|v5e) version=v2-alpha-tpuv5-lite ;;
+    v5p) version=v2-alpha-tpuv5 ;;
+    v6e) version=v2-alpha-tpuv6e ;;
+    *) die "--accelerator '$accelerator': no known runtime for ${accelerator%%-*}; give --version" ;;
+  esac
+fi
 bucket=${bucket#gs://}
 bucket=${bucket%/}
 [[ $bucket =~ ^[a-z0-9][-a-z0-9_.]{1,61}[a-z0-9]$ ]] || die "--bucket 'gs://$bucket' is not a valid bucket name"
@@ -102,6 +117,11 @@ tpu=(gcloud compute tpus tpu-vm)
 remote_dir='~/ktae'
 # shellcheck disable=SC2088
 run_dir="~/gcs/runs/$run_name"
+
+# ---------------------------------------------------------------- 0. does the plan fit the slice?
+check_args=()
+for c in "${configs[@]}"; do check_args+=(--config "$c"); done
+fit_check "$accelerator" "${check_args[@]}" "${train_args[@]}"
 
 # ---------------------------------------------------------------- 1. the slice and the bucket
 if probe "${tpu[@]}" describe "$name" "${gflags[@]}"; then

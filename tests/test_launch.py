@@ -8,6 +8,7 @@ import pathlib
 import re
 import shlex
 import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -43,12 +44,25 @@ def fakes(tmp_path) -> pathlib.Path:
         n=1; for a in "$@"; do [[ $a == --ntasks=* ]] && n=${a#--ntasks=}; [[ $a == --ntasks-per-node=* ]] && k=${a#*=}; done
         for (( i = 0; i < n; i++ )); do SLURM_PROCID=$i SLURM_LOCALID=$(( i % k )) "${@: -3}"; done
         """)
-    tool("nvidia-smi", 'echo "GPU 0: fake"; echo "GPU 1: fake"\n')
+    tool("nvidia-smi", '[[ " $* " == *" --query-gpu=name "* ]] && { echo "NVIDIA H100 80GB HBM3"; echo "NVIDIA H100 80GB HBM3"; exit 0; }\n'
+                       'echo "GPU 0: fake"; echo "GPU 1: fake"\n')
     # ktae-train and a python: print their arguments and the environment they would train with.
     record = 'echo "ARGS $* | CUDA=${CUDA_VISIBLE_DEVICES:-} XLA=${XLA_FLAGS:-} PLAT=${JAX_PLATFORMS:-}"\n'
     tool("ktae-train", record)
     tool("fakepython", record)
     return bin_dir
+
+
+@pytest.fixture
+def real_check(fakes) -> pathlib.Path:
+    """The stand-ins, but with this checkout's own ktae-train (the fit check compiles for real)."""
+    log = fakes.parent / "calls.log"
+    (fakes / "ktae-train").write_text(textwrap.dedent(f"""\
+        #!/usr/bin/env bash
+        {{ printf '%s\\0' ktae-train "$@"; printf '\\x1e'; }} >> {log}
+        exec {sys.executable} -m ktae_jax.cli.train "$@"
+        """))
+    return fakes
 
 
 def _run(script: str, *args: str, fakes: pathlib.Path | None = None, env: dict | None = None):
@@ -89,20 +103,26 @@ def test_help(script):
     assert res.stdout.startswith("Usage:") and "--dry-run" in res.stdout
 
 
-TPU_ARGS = ["--name", "ktae-v4", "--zone", "us-central2-b", "--accelerator", "v4-32", "--bucket", "gs://my-ktae",
+TPU_ARGS = ["--name", "ktae-v4", "--zone", "us-central2-b", "--accelerator", "v4-64", "--bucket", "gs://my-ktae",
             "--config", str(RECIPE), "--config", str(MESH)]
+CHECK = ["--compile-only", "--target"]
 
 
 def test_tpu_pod_dry_run(fakes):
     res = _run("tpu_pod.sh", *TPU_ARGS, "--project", "proj", "--dry-run", "--", "model.path=/m", "algo.kl_coef=0.001",
                fakes=fakes)
     assert res.returncode == 0, res.stderr
-    assert _calls(fakes) == []  # a dry run runs nothing
+    # A dry run runs nothing but the fit check: the run compiled here for the slice it would create.
+    check = ["ktae-train", "--config", str(RECIPE), "--config", str(MESH), "model.path=/m", "algo.kl_coef=0.001",
+             *CHECK, "v4-64"]
+    assert _calls(fakes) == [check]
     cmds = _commands(res.stdout)
+    assert cmds[0] == check
+    cmds = cmds[1:]
     tpu = ["gcloud", "compute", "tpus", "tpu-vm"]
     zone = ["--zone", "us-central2-b", "--project", "proj"]
     assert cmds[0] == [*tpu, "describe", "ktae-v4", *zone]
-    assert cmds[1] == [*tpu, "create", "ktae-v4", *zone, "--accelerator-type", "v4-32", "--version",
+    assert cmds[1] == [*tpu, "create", "ktae-v4", *zone, "--accelerator-type", "v4-64", "--version",
                        "tpu-ubuntu2204-base"]
     assert cmds[2][:4] == ["gcloud", "storage", "buckets", "describe"] and cmds[3][4:7] == ["gs://my-ktae", "--location", "us-central2"]
     assert cmds[4][-5:] == ["--no-deps", "--quiet", "--wheel-dir", cmds[4][-2], str(REPO)]  # the pinned package
@@ -124,13 +144,54 @@ def test_tpu_pod_dry_run(fakes):
     assert "tee -a ~/gcs/runs/grpo_ktae_1.5b/logs/$(hostname).log" in train
 
 
+@pytest.mark.parametrize("accelerator, runtime", [
+    ("v4-64", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5p-128", "v2-alpha-tpuv5"),
+    ("v6e-16", "v2-alpha-tpuv6e"),
+])
+def test_tpu_pod_picks_the_runtime_of_the_generation(fakes, accelerator, runtime):
+    args = [*TPU_ARGS[:4], "--accelerator", accelerator, *TPU_ARGS[6:], "--dry-run"]
+    create = lambda res: next(c for c in _commands(res.stdout) if "create" in c[:5])  # noqa: E731
+    res = _run("tpu_pod.sh", *args, fakes=fakes)
+    assert res.returncode == 0, res.stderr
+    assert create(res)[-4:] == ["--accelerator-type", accelerator, "--version", runtime]
+    assert _calls(fakes)[0][-2:] == ["--target", accelerator]
+    res = _run("tpu_pod.sh", *args, "--version", "my-runtime", fakes=fakes)
+    assert create(res)[-1] == "my-runtime"
+
+
+def test_tpu_pod_refuses_a_plan_that_cannot_fit_before_booking(real_check):
+    """The real fit check: 7B with no FSDP on a v5e-8 (8 chips of 15.75 GiB) holds 85 GiB of
+    parameters and AdamW state per chip. Refused; no gcloud call is made, not even in a real run."""
+    recipe = REPO / "configs/paper/dapo_ktae_7b.yaml"
+    args = [*TPU_ARGS[:4], "--accelerator", "v5litepod-8", *TPU_ARGS[6:8], "--config", str(recipe)]
+    for dry in (["--dry-run"], []):
+        res = _run("tpu_pod.sh", *args, *dry, "--", "mesh.data=8", "mesh.fsdp=1", fakes=real_check)
+        assert res.returncode == 1, res.stderr[-2000:]
+        assert "the plan does not fit on v5litepod-8" in res.stderr and "DOES NOT FIT" in res.stdout
+        assert all(call[0] == "ktae-train" for call in _calls(real_check))
+    res = _run("tpu_pod.sh", *args, "--dry-run", "--no-check", "--", "mesh.data=8", "mesh.fsdp=1", fakes=real_check)
+    assert res.returncode == 0 and "fit check skipped" in res.stdout
+
+
+def test_gpu_host_refuses_a_plan_that_cannot_fit(real_check):
+    recipe = REPO / "configs/paper/dapo_ktae_7b.yaml"
+    res = _run("gpu_single_host.sh", "--config", str(recipe), "--run-dir", "runs/x", "--gpus", "0,1,2,3,4,5,6,7",
+               "--dry-run", "--", "mesh.data=8", "mesh.fsdp=1", fakes=real_check)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "the plan does not fit on h100x8" in res.stderr
+    assert _calls(real_check)[-1][-3:] == ["--compile-only", "--target", "h100x8"]
+    assert not any(line.startswith("+ env") or line.startswith("+ ktae-train --config") for line in res.stdout.splitlines()
+                   if "--compile-only" not in line)
+
+
 def test_tpu_pod_real_run_with_fake_gcloud(fakes, tmp_path):
     wheel = tmp_path / "ktae_jax-9.9-py3-none-any.whl"
     wheel.write_text("not really a wheel")
     res = _run("tpu_pod.sh", *TPU_ARGS, "--wheel", str(wheel), "--run-name", "exp1", "--detach", fakes=fakes,
                env={"FAKE_EXISTS": "1"})
     assert res.returncode == 0, res.stderr
-    calls = _calls(fakes)
+    check, *calls = _calls(fakes)
+    assert check[0] == "ktae-train" and check[-2:] == ["--target", "v4-64"]  # real runs are checked too
     verbs = [c[4] if c[1] == "compute" else c[3] for c in calls]
     # The slice and the bucket exist: reused, nothing created.
     assert verbs == ["describe", "describe", "ssh", "scp", "ssh", "ssh"]
@@ -147,9 +208,12 @@ def test_slurm_dry_run_and_tasks(fakes, per, tmp_path):
     env = {"FAKE_HOSTS": hosts, "SLURM_JOB_NODELIST": "gpu-[a-c]", "SLURM_GPUS_ON_NODE": "4"}
     res = _run("slurm_gpu.sbatch", *args, "--port", "4000", "--dry-run", *overrides, fakes=fakes, env=env)
     assert res.returncode == 0, res.stderr
-    assert _calls(fakes) == [["scontrol", "show", "hostnames", "gpu-[a-c]"]]  # the only tool a dry run calls
+    # The only tools a dry run calls: scontrol, nvidia-smi (the GPU model), the fit check for 3 x 4 GPUs.
+    check = ["ktae-train", "--config", str(RECIPE), "algo.kl_coef=0.001", *CHECK, "h100x12"]
+    assert _calls(fakes) == [["scontrol", "show", "hostnames", "gpu-[a-c]"],
+                             ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], check]
     cmds = _commands(res.stdout)
-    assert cmds[0] == ["scontrol", "show", "hostnames", "gpu-[a-c]"]
+    assert cmds[0] == ["scontrol", "show", "hostnames", "gpu-[a-c]"] and cmds[1] == check
     n = 3 if per == "host" else 12
     srun = cmds[-1]
     assert srun[:5] == ["srun", "--nodes=3", f"--ntasks={n}", f"--ntasks-per-node={n // 3}", "--kill-on-bad-exit=1"]
@@ -162,7 +226,8 @@ def test_slurm_dry_run_and_tasks(fakes, per, tmp_path):
     # A real run in the "allocation": every task gets its own process id (and GPU), same coordinator.
     res = _run("slurm_gpu.sbatch", *args, *overrides, fakes=fakes, env={**env, "FAKE_HOSTS": "gpu-a gpu-b"})
     assert res.returncode == 0, res.stderr
-    ran = [line for line in res.stdout.splitlines() if line.startswith("ARGS")]
+    check, *ran = [line for line in res.stdout.splitlines() if line.startswith("ARGS")]
+    assert "--compile-only --target h100x8 |" in check  # 2 nodes x 4 GPUs, checked before srun
     n = 2 if per == "host" else 8
     assert len(ran) == n
     for i, line in enumerate(ran):
@@ -174,10 +239,12 @@ def test_gpu_single_host(fakes, tmp_path):
     res = _run("gpu_single_host.sh", "--config", str(RECIPE), "--run-dir", "runs/x", "--gpus", "0,1",
                "--venv", str(tmp_path / "v"), "--setup", "--dry-run", "--", "rollout.group_size=8", fakes=fakes)
     assert res.returncode == 0, res.stderr
-    assert _calls(fakes) == []
+    check = ["ktae-train", "--config", str(RECIPE), "rollout.group_size=8", *CHECK, "h100x2"]  # 2 GPUs
+    assert _calls(fakes) == [["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], check]
     cmds = _commands(res.stdout)
     venv = str(tmp_path / "v")
-    assert cmds == [["python3", "-m", "venv", venv],
+    assert cmds == [check,
+                    ["python3", "-m", "venv", venv],
                     [f"{venv}/bin/pip", "install", "--quiet", f"jax[cuda12]=={JAX_VERSION}", str(REPO)],
                     ["env", "CUDA_VISIBLE_DEVICES=0,1", f"{venv}/bin/ktae-train", "--config", str(RECIPE),
                      "--run-dir", "runs/x", "rollout.group_size=8"]]
