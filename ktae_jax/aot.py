@@ -222,5 +222,9 @@ def _size(n: int) -> str:
     return f"{n / GiB:.2f}G" if n >= GiB / 10 else f"{n / 2**20:.1f}M"
 
 
+JSON_KEYS = ("target", "devices", "usable_bytes", "fits", "programs")
+
+
 def to_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, separators=(",", ":"))
+    """`--json`'s one line: exactly the issue's top-level keys (the table has the rest)."""
+    return json.dumps({key: report[key] for key in JSON_KEYS}, separators=(",", ":"))

@@ -1,14 +1,18 @@
 """`ktae-train --dry-run`: the resolved config, the mesh, per-device batch and a memory estimate,
 computed from config.json alone (no weights are read, no device memory is touched).
 
-The memory figures are estimates from the shapes (the real run prints XLA's own analysis of the
-compiled step): parameters and AdamW moments in the parameter dtype, one gradient buffer, the
-sampler's KV cache, and the activations one micro-batch keeps for the backward pass.
+The memory figures are estimates from the shapes: parameters and AdamW moments in the parameter
+dtype (split like the parameters), one gradient buffer, the sampler's KV cache, and what one
+micro-batch keeps for the backward pass: the attention scores of every layer (float32
+probabilities and their compute-dtype copy, `[heads, queries, keys]` per row; the largest term at
+4,096-token rows) and the other activations. XLA's own figures for a target come from
+`ktae-train ... --compile-only --target NAME` (`ktae_jax.aot`); the dry run says so.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import jax
@@ -29,8 +33,20 @@ KNOWN_ARCHITECTURES = {
                             rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=4096),
 }
 # Bytes of saved activations per token, per layer, per hidden unit, without rematerialisation
-# (attention and MLP inputs, q/k/v, softmax statistics, SwiGLU intermediates; a rough constant).
+# (attention and MLP inputs, q/k/v, SwiGLU intermediates; a rough constant), in units of the
+# compute dtype's half (34 -> 34 bytes in bfloat16).
 ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN = 34
+# Bytes kept per attention score for the backward pass: float32 probabilities (softmax's saved
+# output) and their compute-dtype copy (the input of the probabilities x values product).
+SCORE_BYTES_F32_PROBS = 4
+
+
+def attention_score_elements(model: ModelConfig, micro_rows: int, group_size: int, prompt_len: int,
+                             response_len: int) -> int:
+    """Score entries of one layer for `micro_rows` rollouts on one device, with prompts shared:
+    each prompt's queries see its own columns once, each response's queries see prompt + response."""
+    prompts = micro_rows // math.gcd(group_size, micro_rows)
+    return model.num_heads * (prompts * prompt_len**2 + micro_rows * response_len * (prompt_len + response_len))
 
 
 def model_config_for(path: str) -> tuple[ModelConfig, str]:
@@ -76,11 +92,14 @@ def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
     micro_per_device = max(micro_rows // batch_devices, 1)
     activations = (micro_per_device * seq * model.num_layers * model.hidden_size
                    * ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN * c_bytes / 2 / tensor)
+    scores = (attention_score_elements(model, micro_per_device, cfg.rollout.group_size, cfg.data.max_prompt_len,
+                                       cfg.rollout.max_new_tokens)
+              * model.num_layers * (SCORE_BYTES_F32_PROBS + c_bytes) / min(tensor, model.num_heads))
     rows_per_device = rows // batch_devices
     sample_rows_per_device = cfg.sample_chunk_prompts(batch_devices) * cfg.rollout.group_size // batch_devices
     kv_cache = (2 * model.num_layers * model.num_kv_heads * model.head_dim * seq * sample_rows_per_device * c_bytes
                 / min(tensor, model.num_kv_heads))
-    total = params + adam + grads + reference + activations + kv_cache
+    total = params + adam + grads + reference + activations + scores + kv_cache
 
     lines = [
         "# resolved config", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "",
@@ -97,9 +116,12 @@ def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
         f"  AdamW moments         {_gb(adam)}",
         f"  gradient accumulator  {_gb(grads)}",
         f"  reference policy      {_gb(reference)}" + ("" if cfg.algo.kl_coef else "  (kl_coef = 0: none)"),
-        f"  activations (1 micro-batch, no remat)  {_gb(activations)}",
+        f"  attention scores (1 micro-batch, every layer)  {_gb(scores)}",
+        f"  other activations (1 micro-batch, no remat)    {_gb(activations)}",
         f"  sampler KV cache      {_gb(kv_cache)}  ({sample_rows_per_device} rollouts per device per sampler call)",
         f"  total                 {_gb(total)}",
+        "a shape estimate; XLA's own figures per device (update, log-prob pass, sampler) for a target:",
+        "  ktae-train <these configs> --compile-only --target NAME  (e.g. v5p-128, h100x8; see README)",
     ]
     return "\n".join(lines)
 

@@ -115,6 +115,7 @@ def test_tiny_config_compiles_for_a_gpu_host_through_the_cli(cli, monkeypatch):
     code, out, err = cli("--config", str(TINY), "--compile-only", "--target", "h100x8", "--json")
     assert code == 0, err[-3000:]
     report = json.loads(out.strip().splitlines()[-1])
+    assert set(report) == {"target", "devices", "usable_bytes", "fits", "programs"}
     _check_tiny(report, 8, int(84942979072 * 0.75), padded=False)
     assert report["target"] == "h100x8"
     assert "verdict: fits on h100x8" in out
