@@ -92,13 +92,10 @@ def _rows(cfg: TrainConfig, mesh, n: int, width: int, dtype) -> jax.ShapeDtypeSt
 
 def program_inputs(cfg: TrainConfig, mesh, run: AbstractRun) -> dict[str, tuple[Any, tuple, int]]:
     """Per program: (its `lower`, abstract arguments, bytes of the run's state alive beside them)."""
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_devices = mesh_lib.batch_devices(mesh)
     r = cfg.rollout
     n, tp, resp = r.prompts_per_step * r.group_size, cfg.data.max_prompt_len, r.max_new_tokens
-    mini_rows = cfg.mini_batch_prompts * r.group_size
-    settings = UpdateSettings(algo=cfg.algo, num_minibatches=n // mini_rows,
-                              num_microbatches=mini_rows // cfg.micro_batch_rollouts(batch_devices),
-                              temperature=r.temperature, group_size=r.group_size)
+    settings = UpdateSettings.for_config(cfg, batch_devices)  # as the trainer builds them
     params_bytes = per_device_bytes(run.state.params)
     state_bytes = per_device_bytes(run.state)
     reference = params_bytes if run.has_reference else 0
@@ -108,8 +105,7 @@ def program_inputs(cfg: TrainConfig, mesh, run: AbstractRun) -> dict[str, tuple[
     f32, i32 = jnp.float32, jnp.int32
     batch = UpdateBatch(_rows(cfg, mesh, n, tp + resp, i32), _rows(cfg, mesh, n, tp + resp, i32),
                         _rows(cfg, mesh, n, resp, i32), *(_rows(cfg, mesh, n, resp, f32) for _ in range(3)))
-    layout = dataclasses.replace(settings.layout(mesh),
-                                 num_microbatches=mini_rows // cfg.logprob_micro_batch_rollouts(batch_devices))
+    layout = settings.logprob_layout(cfg, mesh)
     logprobs = jax.jit(functools.partial(rollout_logprobs, run.graphdef, response_len=resp,
                                          temperature=r.temperature, layout=layout, mesh=mesh))
     chunk = cfg.sample_chunk_prompts(batch_devices)
@@ -186,7 +182,7 @@ def compile_only(cfg: TrainConfig, target_name: str, programs: tuple[str, ...] =
     """The report (`--json`'s object): target, devices, usable bytes, per-program figures, verdict."""
     target = hardware.target(target_name)
     mesh = plan_mesh(cfg, target)
-    cfg.validate(num_batch_devices=mesh.shape["data"] * mesh.shape["fsdp"])
+    cfg.validate(num_batch_devices=mesh_lib.batch_devices(mesh))
     run = abstract_run(cfg, mesh)
     inputs = program_inputs(cfg, mesh, run)
     results = {name: compile_program(*inputs[name], target.usable_bytes) for name in programs}

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from ktae_jax.config import AlgoSection, OptimSection
+from ktae_jax.config import AlgoSection, OptimSection, TrainConfig
 from ktae_jax.loss import Normalisers, policy_loss
 from ktae_jax.mesh import batch_devices, constrain_batch, gathered_over_fsdp
 from ktae_jax.models import response_logprobs
@@ -62,6 +62,22 @@ class UpdateSettings:
     def on_policy(self) -> bool:
         """One update per step: the old policy is the current one, so no old log-prob pass is needed."""
         return self.algo.ppo_epochs == 1 and self.num_minibatches == 1
+
+    @classmethod
+    def for_config(cls, cfg: TrainConfig, num_batch_devices: int) -> "UpdateSettings":
+        """The update of a run of `cfg` whose batches split `num_batch_devices` ways."""
+        rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+        mini_rows = cfg.mini_batch_prompts * cfg.rollout.group_size
+        return cls(algo=cfg.algo, num_minibatches=rows // mini_rows,
+                   num_microbatches=mini_rows // cfg.micro_batch_rollouts(num_batch_devices),
+                   temperature=cfg.rollout.temperature, group_size=cfg.rollout.group_size)
+
+    def logprob_layout(self, cfg: TrainConfig, mesh=None) -> "Layout":
+        """The old / reference log-prob passes' slicing: the update's mini-batches, cut into slices
+        of `algo.logprob_micro_batch_per_device` rollouts per device."""
+        mini_rows = cfg.mini_batch_prompts * cfg.rollout.group_size
+        return dataclasses.replace(self.layout(mesh),
+                                   num_microbatches=mini_rows // cfg.logprob_micro_batch_rollouts(batch_devices(mesh)))
 
     def layout(self, mesh=None) -> "Layout":
         return Layout(self.num_minibatches, self.num_microbatches, self.group_size, batch_devices(mesh))

@@ -18,7 +18,6 @@ Letters: N rollouts in the step (prompts x G), T prompt + response columns, R re
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import pathlib
@@ -95,11 +94,7 @@ class Trainer:
     # ------------------------------------------------------------------ compiled stages
     def _compile(self) -> None:
         cfg, mesh = self.cfg, self.mesh
-        rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
-        mini_rows = cfg.mini_batch_prompts * cfg.rollout.group_size
-        settings = UpdateSettings(algo=cfg.algo, num_minibatches=rows // mini_rows,
-                                  num_microbatches=mini_rows // cfg.micro_batch_rollouts(self.batch_devices),
-                                  temperature=cfg.rollout.temperature, group_size=cfg.rollout.group_size)
+        settings = UpdateSettings.for_config(cfg, self.batch_devices)
         self.on_policy = settings.on_policy
         state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
         # Donating the state lets the update overwrite it in place: on accelerators it halves the
@@ -114,8 +109,7 @@ class Trainer:
         # `memory_report` (the worst case), the others when first met.
         self._train_steps: dict[int, Any] = {}
         self._train_step_for(cfg.data.max_prompt_len)
-        logprob_layout = dataclasses.replace(
-            settings.layout(mesh), num_microbatches=mini_rows // cfg.logprob_micro_batch_rollouts(self.batch_devices))
+        logprob_layout = settings.logprob_layout(cfg, mesh)
         self._logprobs = jax.jit(functools.partial(rollout_logprobs, self.graphdef,
                                                    response_len=cfg.rollout.max_new_tokens,
                                                    temperature=cfg.rollout.temperature, layout=logprob_layout,
