@@ -2,8 +2,13 @@
 
 A config is `TrainConfig` with one section per pipeline stage (`model`, `data`, `rollout`,
 `algo`, `ktae`, `reward`, `optim`, `mesh`, `run`). `load_config(files, overrides)` merges YAML
-files in order, then `section.key=value` overrides, and validates: an unknown key, a value of the
-wrong type or an impossible combination raises `ConfigError` naming the key.
+files in order (a file's `include: [other.yaml, ...]`, relative to it, first), then
+`section.key=value` overrides, and validates: an unknown key, a value of the wrong type or out of
+its range (`RANGES`, one entry per numeric field) or an impossible combination raises
+`ConfigError` naming the key. The runtime configs of the stages (`SamplingConfig`,
+`RewardConfig`, `KTAEConfig`) are built from the sections here only (`TrainConfig.to_sampling`,
+`to_reward`, `to_ktae`); an invariant across fields of a stage (KTAE's alpha + beta > 0, the
+overlong buffer within the response length) lives in that runtime config alone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import yaml
 from ktae_jax.advantages import Estimator
 from ktae_jax.ktae import KTAEConfig
 from ktae_jax.mesh import MeshConfig
+from ktae_jax.rewards.functions import RewardConfig
+from ktae_jax.sample import SamplingConfig
 
 
 class ConfigError(ValueError):
@@ -92,11 +99,6 @@ class KTAESection:
     zero_fisher_at_p1: bool = True  # F = 0 where the Fisher p-value is 1
     ignore_special: bool = True  # pad and EOS ids score 0
 
-    def to_ktae_config(self, ignore_ids: tuple[int, ...], eps: float) -> KTAEConfig:
-        return KTAEConfig(alpha=self.alpha, beta=self.beta, gamma=self.gamma, top=self.top, k1=self.k1, b=self.b,
-                          eps=eps, zero_fisher_at_p1=self.zero_fisher_at_p1,
-                          ignore_token_ids=ignore_ids if self.ignore_special else ())
-
 
 @dataclasses.dataclass(frozen=True)
 class RewardSection:
@@ -141,6 +143,45 @@ SECTIONS: dict[str, type] = {
     "ktae": KTAESection, "reward": RewardSection, "optim": OptimSection, "mesh": MeshConfig, "run": RunSection,
 }
 
+# The allowed values of every numeric field, checked at load (`TrainConfig.validate`): intervals
+# "[a, b)" / "(a, inf)", a single value, or alternatives joined by " or ".
+RANGES: dict[str, str] = {
+    "data.max_prompt_len": "[1, inf)", "data.shuffle_seed": "[0, inf)", "data.num_epochs": "-1 or [1, inf)",
+    "data.tiny_train_size": "[1, inf)",
+    "rollout.prompts_per_step": "[1, inf)", "rollout.group_size": "[1, inf)", "rollout.max_new_tokens": "[1, inf)",
+    "rollout.temperature": "(0, inf)", "rollout.top_p": "(0, 1]", "rollout.top_k": "[0, inf)",
+    "rollout.sample_prompts_per_device": "[0, inf)",
+    "algo.clip_low": "[0, 1)", "algo.clip_high": "[0, inf)", "algo.clip_ratio_c": "0 or (1, inf)",
+    "algo.kl_coef": "[0, inf)", "algo.entropy_coef": "[0, inf)", "algo.ppo_epochs": "[1, inf)",
+    "algo.mini_batch_prompts": "[0, inf)", "algo.micro_batch_per_device": "[0, inf)",
+    "algo.logprob_micro_batch_per_device": "[0, inf)", "algo.max_num_gen_batches": "[1, inf)",
+    "ktae.alpha": "[0, inf)", "ktae.beta": "[0, inf)", "ktae.gamma": "[0, inf)", "ktae.top": "[0, inf)",
+    "ktae.k1": "[0, inf)", "ktae.b": "[0, 1]",
+    "reward.overlong_buffer": "[0, inf)", "reward.overlong_factor": "[0, inf)", "reward.format_weight": "[0, inf)",
+    "reward.timeout_s": "(0, inf)", "reward.num_workers": "[0, inf)",
+    "optim.lr": "[0, inf)", "optim.warmup_steps": "[0, inf)", "optim.weight_decay": "[0, inf)",
+    "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.grad_clip": "[0, inf)",
+    "mesh.data": "-1 or [1, inf)", "mesh.fsdp": "-1 or [1, inf)", "mesh.tensor": "-1 or [1, inf)",
+    "run.max_steps": "[1, inf)", "run.seed": "[0, inf)", "run.checkpoint_every": "[1, inf)",
+    "run.keep_checkpoints": "[1, inf)", "run.ktae_top_tokens": "[1, inf)", "run.eval_every": "[0, inf)",
+    "run.eval_limit": "[0, inf)",
+}
+
+
+def in_range(value: float, spec: str) -> bool:
+    """Whether `value` is allowed by a `RANGES` entry."""
+    for option in spec.split(" or "):
+        if option[0] not in "[(":
+            if value == float(option):
+                return True
+            continue
+        low, high = (float(x) for x in option[1:-1].split(","))
+        above = value >= low if option[0] == "[" else value > low
+        below = value <= high if option[-1] == "]" else value < high
+        if above and below:
+            return True
+    return False
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -171,48 +212,28 @@ class TrainConfig:
         return self.rollout.sample_prompts_per_device * batch_devices or self.rollout.prompts_per_step
 
     def validate(self, num_batch_devices: int | None = None) -> "TrainConfig":
-        """Check the combinations a single field cannot; raises ConfigError naming the key.
-
-        With `num_batch_devices` (mesh data x fsdp), also the divisibility the mesh needs.
+        """Every numeric field's range (`RANGES`), then the combinations a single field cannot
+        check; raises ConfigError naming the key. With `num_batch_devices` (`mesh.batch_devices`),
+        also the divisibility the mesh needs.
         """
+        for key, spec in RANGES.items():
+            section, field = key.split(".")
+            value = getattr(getattr(self, section), field)
+            if not in_range(value, spec):
+                raise ConfigError(f"{key}={value}: must be in {spec}")
         r, a = self.rollout, self.algo
-        positive = {"rollout.prompts_per_step": r.prompts_per_step, "rollout.group_size": r.group_size,
-                    "rollout.max_new_tokens": r.max_new_tokens, "data.max_prompt_len": self.data.max_prompt_len,
-                    "algo.ppo_epochs": a.ppo_epochs, "algo.max_num_gen_batches": a.max_num_gen_batches,
-                    "run.max_steps": self.run.max_steps,
-                    "run.checkpoint_every": self.run.checkpoint_every, "run.keep_checkpoints": self.run.keep_checkpoints}
-        non_negative = {"algo.mini_batch_prompts": a.mini_batch_prompts, "run.eval_every": self.run.eval_every,
-                        "run.eval_limit": self.run.eval_limit,
-                        "algo.micro_batch_per_device": a.micro_batch_per_device,
-                        "algo.logprob_micro_batch_per_device": a.logprob_micro_batch_per_device,
-                        "rollout.sample_prompts_per_device": r.sample_prompts_per_device, "rollout.top_k": r.top_k,
-                        "reward.overlong_buffer": self.reward.overlong_buffer, "optim.warmup_steps": self.optim.warmup_steps}
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
-        for key, value in non_negative.items():
-            if value < 0:
-                raise ConfigError(f"{key} must be >= 0, got {value}")
-        if r.temperature <= 0:
-            raise ConfigError(f"rollout.temperature must be > 0, got {r.temperature}")
-        if not 0 < r.top_p <= 1:
-            raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
-        if a.clip_low < 0 or a.clip_high < 0 or a.clip_low >= 1:
-            raise ConfigError(f"algo.clip_low must be in [0, 1) and algo.clip_high >= 0, got {a.clip_low}, {a.clip_high}")
-        if a.clip_ratio_c != 0 and a.clip_ratio_c <= 1:
-            raise ConfigError(f"algo.clip_ratio_c must be > 1 (or 0 = off), got {a.clip_ratio_c}")
-        if a.kl_coef < 0:
-            raise ConfigError(f"algo.kl_coef must be >= 0, got {a.kl_coef}")
         if r.prompts_per_step % self.mini_batch_prompts:
             raise ConfigError(f"algo.mini_batch_prompts={a.mini_batch_prompts} must divide "
                               f"rollout.prompts_per_step={r.prompts_per_step}")
-        if self.reward.overlong_buffer > r.max_new_tokens:
-            raise ConfigError(f"reward.overlong_buffer={self.reward.overlong_buffer} exceeds "
-                              f"rollout.max_new_tokens={r.max_new_tokens}")
-        try:
-            self.ktae.to_ktae_config((), 1e-6)
-        except ValueError as err:
-            raise ConfigError(f"ktae: {err}") from None
+        if self.run.eval_every and not self.run.eval_file:
+            raise ConfigError("run.eval_every is set but run.eval_file is empty")
+        # Invariants across fields of a stage (KTAE's alpha + beta > 0, the overlong buffer within
+        # the response length) live in its runtime config only: build it once to check them.
+        for name, build in (("ktae", lambda: self.to_ktae((), enabled=True)), ("reward", self.to_reward)):
+            try:
+                build()
+            except ValueError as err:
+                raise ConfigError(f"{name}: {err}") from None
         devices = num_batch_devices or 1
         # KTAE groups are never split: each device holds whole groups of the step.
         if r.prompts_per_step % devices:
@@ -231,9 +252,31 @@ class TrainConfig:
         if r.prompts_per_step % self.sample_chunk_prompts(devices):
             raise ConfigError(f"rollout.sample_prompts_per_device={r.sample_prompts_per_device}: {devices} devices x "
                               f"{r.sample_prompts_per_device} does not divide rollout.prompts_per_step={r.prompts_per_step}")
-        if self.run.eval_every and not self.run.eval_file:
-            raise ConfigError("run.eval_every is set but run.eval_file is empty")
         return self
+
+    # ------------------------------------------------------------------ runtime configs of the stages
+    def to_sampling(self, stop_ids: typing.Sequence[int], pad_id: int) -> SamplingConfig:
+        """The rollout sampler's settings: G responses per prompt, stopping at `stop_ids`."""
+        r = self.rollout
+        return SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              eos_ids=tuple(stop_ids), pad_id=pad_id, num_samples=r.group_size)
+
+    def to_reward(self) -> RewardConfig:
+        """How graded responses become rewards (the overlong penalty counts to `rollout.max_new_tokens`)."""
+        w = self.reward
+        return RewardConfig(kind=w.kind, overlong_buffer=w.overlong_buffer, overlong_factor=w.overlong_factor,
+                            max_response_len=self.rollout.max_new_tokens, format_weight=w.format_weight,
+                            custom_fn=w.custom_fn or None)
+
+    def to_ktae(self, ignore_ids: typing.Sequence[int], *, enabled: bool | None = None) -> KTAEConfig | None:
+        """KTAE's settings (None when `ktae.enabled` is false); `ignore_ids` (pad, EOS) score 0 unless
+        `ktae.ignore_special` is false."""
+        k = self.ktae
+        if not (k.enabled if enabled is None else enabled):
+            return None
+        return KTAEConfig(alpha=k.alpha, beta=k.beta, gamma=k.gamma, top=k.top, k1=k.k1, b=k.b,
+                          zero_fisher_at_p1=k.zero_fisher_at_p1,
+                          ignore_token_ids=tuple(ignore_ids) if k.ignore_special else ())
 
     def to_dict(self) -> dict[str, Any]:
         return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
@@ -347,18 +390,37 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return parts[0], parts[1], value
 
 
+INCLUDE_KEY = "include"  # a file's list of files (relative to it) merged before its own values
+
+
+def _merge_file(tree: dict[str, dict[str, Any]], path: pathlib.Path, chain: tuple[pathlib.Path, ...] = ()) -> None:
+    """`path`'s included files in order, then its own sections, merged into `tree`."""
+    if not path.is_file():
+        where = f" (included by {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file {path} does not exist{where}")
+    if path.resolve() in (p.resolve() for p in chain):
+        raise ConfigError(f"{path}: included in a cycle ({' -> '.join(map(str, (*chain, path)))})")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if isinstance(values, dict) and INCLUDE_KEY in values:
+        values = dict(values)
+        included = values.pop(INCLUDE_KEY)
+        if isinstance(included, str):
+            included = [included]
+        if not isinstance(included, list) or not all(isinstance(x, str) for x in included):
+            raise ConfigError(f"{path}: '{INCLUDE_KEY}' must be a file name or a list of them, got {included!r}")
+        for name in included:
+            _merge_file(tree, path.parent / name, (*chain, path))
+    _merge(tree, values, str(path))
+
+
 def load_config(files: typing.Sequence[str | pathlib.Path] = (), overrides: typing.Sequence[str] = ()) -> TrainConfig:
-    """Merge YAML `files` in order, then `section.key=value` overrides; validate."""
+    """Merge YAML `files` in order (each after its includes), then `section.key=value` overrides; validate."""
     tree: dict[str, dict[str, Any]] = {}
     for path in files:
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        _merge(tree, values, str(path))
+        _merge_file(tree, pathlib.Path(path))
     for text in overrides:
         section, key, value = parse_override(text)
         tree.setdefault(section, {})[key] = value

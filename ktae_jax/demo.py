@@ -35,10 +35,9 @@ def evaluate_policy(policy, problems: list[dict], out_dir: pathlib.Path, cfg, po
     """Greedy, the paper's protocol with the training run's template and length limit."""
     from ktae_jax.evaluate import Protocol, evaluate
 
-    protocol = Protocol(max_new_tokens=cfg.rollout.max_new_tokens, template=cfg.data.template,
-                        system_prompt=cfg.data.system_prompt)
-    summary = evaluate(policy.model, policy.tokenizer, {"tiny": problems}, out_dir=out_dir, protocol=protocol,
-                       batch_prompts=250, pool=pool, stop_ids=policy.stop_ids, label=policy.folder.name, progress=True)
+    summary = evaluate(policy.model, policy.tokenizer, {"tiny": problems}, out_dir=out_dir,
+                       protocol=Protocol.of_run(cfg), batch_prompts=250, pool=pool, stop_ids=policy.stop_ids,
+                       label=policy.folder.name, progress=True)
     return summary["benchmarks"]["tiny"]
 
 

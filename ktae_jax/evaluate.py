@@ -64,6 +64,12 @@ class Protocol:
     template: str = "chat"  # "chat": the tokenizer's chat template with `system_prompt`
     system_prompt: str = DataSection().system_prompt  # the Qwen2.5-Math system prompt
 
+    @classmethod
+    def of_run(cls, cfg: Any) -> "Protocol":
+        """The protocol of a training run's own responses (`TrainConfig`: its length limit and template)."""
+        return cls(max_new_tokens=cfg.rollout.max_new_tokens, template=cfg.data.template,
+                   system_prompt=cfg.data.system_prompt)
+
     def data_section(self) -> DataSection:
         return DataSection(template=self.template, system_prompt=self.system_prompt)  # type: ignore[arg-type]
 
@@ -155,11 +161,13 @@ def make_records(items: Sequence[dict[str, Any]], responses: Sequence[str], leng
     ]
 
 
-def grade_records(items: Sequence[dict[str, Any]], responses: Sequence[str], lengths: Sequence[int],
-                  finished: Sequence[bool], pool: GraderPool) -> list[dict[str, Any]]:
-    """`make_records` with the scores of `pool` (the last `\\boxed{}` against the references)."""
-    scores = pool.grade(list(responses), [item["answer"] for item in items]).scores
-    return make_records(items, responses, lengths, finished, scores)
+def _append_records(path: pathlib.Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """5. WRITE a whole batch's records at once, synced: a kill loses at most one batch."""
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return records
 
 
 # ---------------------------------------------------------------------- summary
@@ -231,35 +239,10 @@ def _split_policy(policy: Any) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(policy)
 
 
-def evaluate(
-    policy: Any, tokenizer: Any, benchmarks: Mapping[str, Sequence[dict[str, Any]]], *,
-    out_dir: str | pathlib.Path, batch_prompts: int = 16, mesh: Mesh | None = None,
-    pool: GraderPool | None = None, limit: int | None = None, stop_ids: Sequence[int] | None = None,
-    protocol: Protocol = Protocol(), label: str = "", progress: bool = True, grade_workers: int | None = None,
-    grade_timeout_s: float = 5.0,
-) -> dict[str, Any] | None:
-    """Greedy responses to every selected row, graded; returns the summary (None off process 0).
-
-    `policy` is a `Transformer` or `(graphdef, params)` (the trainer's), already placed on `mesh`.
-    `benchmarks` maps a name to rows with "problem" and "answer" (as `read_rows` gives them).
-    `protocol` decides the responses (length limit, template). `stop_ids` default to the tokenizer's
-    EOS; the pad id is `policy.pad_token_id`'s. Without `pool`, one of `grade_workers` processes
-    (default: one per core) is started only if there is something to grade, and closed at the end.
-    """
-    if limit is not None and limit < 1:
-        raise EvalError(f"limit={limit}: must be >= 1")
-    if batch_prompts < 1:
-        raise EvalError(f"batch_prompts={batch_prompts}: must be >= 1")
-    out = pathlib.Path(out_dir)
-    main = _is_main()
-    _check_protocol(out, protocol, write=main)
-    graphdef, state = _split_policy(policy)
-    stops = tuple(stop_ids) if stop_ids is not None else (int(tokenizer.eos_token_id),)
-    pad_id = pad_token_id(tokenizer, stops)
-    config = SamplingConfig(max_new_tokens=protocol.max_new_tokens, greedy=True, eos_ids=stops, pad_id=pad_id)
-    key = _place(np.asarray(jax.random.PRNGKey(0)), mesh, replicated=True)  # unused by greedy decoding
-
-    # 1-2. SELECT and RESUME: the rows still to do (process 0 decides; the others follow).
+def _select(benchmarks: Mapping[str, Sequence[dict[str, Any]]], tokenizer: Any, protocol: Protocol,
+            out: pathlib.Path, limit: int | None, main: bool) -> tuple[dict, dict, int, int]:
+    """Steps 1-2: (done records, rows still to do, longest prompt, most rows) per benchmark; process 0
+    decides what is done, the others follow."""
     cfg = protocol.data_section()
     done: dict[str, dict[int, dict[str, Any]]] = {}
     todo: dict[str, list[dict[str, Any]]] = {}
@@ -284,6 +267,39 @@ def evaluate(
         # the compilation of the first.
         width = max([width, *map(len, ids)])
         largest = max(largest, len(rows))
+    return done, todo, width, largest
+
+
+def evaluate(
+    policy: Any, tokenizer: Any, benchmarks: Mapping[str, Sequence[dict[str, Any]]], *,
+    out_dir: str | pathlib.Path, batch_prompts: int = 16, mesh: Mesh | None = None,
+    pool: GraderPool | None = None, limit: int | None = None, stop_ids: Sequence[int] | None = None,
+    protocol: Protocol = Protocol(), label: str = "", progress: bool = True, grade_workers: int | None = None,
+    grade_timeout_s: float = 5.0,
+) -> dict[str, Any] | None:
+    """Greedy responses to every selected row, graded; returns the summary (None off process 0).
+
+    `policy` is a `Transformer` or `(graphdef, params)` (the trainer's), already placed on `mesh`.
+    `benchmarks` maps a name to rows with "problem" and "answer" (as `read_rows` gives them).
+    `protocol` decides the responses (length limit, template). `stop_ids` default to the tokenizer's
+    EOS; the pad id is `ktae_jax.policy.pad_token_id`'s. Without `pool`, one of `grade_workers` processes
+    (default: one per core) is started only if there is something to grade, and closed at the end.
+    """
+    if limit is not None and limit < 1:
+        raise EvalError(f"limit={limit}: must be >= 1")
+    if batch_prompts < 1:
+        raise EvalError(f"batch_prompts={batch_prompts}: must be >= 1")
+    out = pathlib.Path(out_dir)
+    main = _is_main()
+    _check_protocol(out, protocol, write=main)
+    graphdef, state = _split_policy(policy)
+    stops = tuple(stop_ids) if stop_ids is not None else (int(tokenizer.eos_token_id),)
+    pad_id = pad_token_id(tokenizer, stops)
+    config = SamplingConfig(max_new_tokens=protocol.max_new_tokens, greedy=True, eos_ids=stops, pad_id=pad_id)
+    key = _place(np.asarray(jax.random.PRNGKey(0)), mesh, replicated=True)  # unused by greedy decoding
+
+    # 1-2. SELECT and RESUME
+    done, todo, width, largest = _select(benchmarks, tokenizer, protocol, out, limit, main)
     width = -(-width // _WIDTH_QUANTUM) * _WIDTH_QUANTUM
     # No bigger batches than the largest benchmark needs (filler rows cost as much as real ones).
     batch_prompts = min(batch_prompts, max(largest, 1))
@@ -307,12 +323,8 @@ def evaluate(
     graded: tuple | None = None  # (benchmark, items, texts, lengths, finished, future) of batch b
 
     def write(name: str, batch: list, texts: list, lengths: list, finished: list, future) -> None:
-        # 5. WRITE the whole batch at once: a kill loses at most one batch.
-        records = make_records(batch, texts, lengths, finished, future.result().scores)
-        with (out / f"{name}.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            handle.flush()
-            os.fsync(handle.fileno())
+        records = _append_records(out / f"{name}.jsonl", make_records(batch, texts, lengths, finished,
+                                                                       future.result().scores))
         done[name].update((r["index"], r) for r in records)
         if bar is not None:
             bar.update(len(records))

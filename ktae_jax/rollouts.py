@@ -25,8 +25,8 @@ from ktae_jax.config import TrainConfig
 from ktae_jax.data import DataError, PromptBatch, PromptData
 from ktae_jax.metrics import StageTimer
 from ktae_jax.policy import Policy
-from ktae_jax.rewards import GraderPool, RewardConfig, compute_rewards
-from ktae_jax.sample import SamplingConfig, sample_jit
+from ktae_jax.rewards import GraderPool, compute_rewards
+from ktae_jax.sample import sample_jit
 
 
 @dataclasses.dataclass
@@ -73,13 +73,8 @@ class RolloutCollector:
                  pool: GraderPool):
         self.cfg, self.graphdef, self.mesh, self.data, self.pool = cfg, graphdef, mesh, data, pool
         self.tokenizer, self.pad_id = policy.tokenizer, policy.pad_id
-        r = cfg.rollout
-        self.sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                       top_k=r.top_k, eos_ids=policy.stop_ids, pad_id=policy.pad_id,
-                                       num_samples=r.group_size)
-        self.reward_cfg = RewardConfig(kind=cfg.reward.kind, overlong_buffer=cfg.reward.overlong_buffer,
-                                       overlong_factor=cfg.reward.overlong_factor, max_response_len=r.max_new_tokens,
-                                       format_weight=cfg.reward.format_weight, custom_fn=cfg.reward.custom_fn or None)
+        self.sampling = cfg.to_sampling(policy.stop_ids, policy.pad_id)
+        self.reward_cfg = cfg.to_reward()
         self.chunk_prompts = cfg.sample_chunk_prompts(mesh_lib.batch_devices(mesh))
 
     def collect(self, params: Any, step_key: jax.Array, timer: StageTimer, *,

@@ -69,8 +69,7 @@ class Trainer:
         self.vocab_size = policy.model.config.vocab_size
         self.graphdef, params = nnx.split(policy.model)
         self.tx = make_optimizer(cfg.optim)
-        ignore = tuple(dict.fromkeys((*self.stop_ids, self.pad_id)))
-        self.ktae = cfg.ktae.to_ktae_config(ignore, eps=1e-6) if cfg.ktae.enabled else None
+        self.ktae = cfg.to_ktae(dict.fromkeys((*self.stop_ids, self.pad_id)))  # None: KTAE off
         self.state = self._initial_state(params)
         # The frozen reference: a copy, since the train step donates (overwrites) the policy's buffers.
         self.ref_params = jax.tree.map(jnp.copy, params) if cfg.algo.kl_coef else None
@@ -239,10 +238,8 @@ class Trainer:
 
         cfg = self.cfg
         rows = read_rows(cfg.run.eval_file, cfg.data.prompt_field, cfg.data.answer_field)
-        protocol = Protocol(max_new_tokens=cfg.rollout.max_new_tokens, template=cfg.data.template,
-                            system_prompt=cfg.data.system_prompt)
         summary = evaluate((self.graphdef, self.state.params), self.tokenizer, {"val": rows},
-                           out_dir=self.run_dir / "eval" / f"step_{step:06d}", protocol=protocol,
+                           out_dir=self.run_dir / "eval" / f"step_{step:06d}", protocol=Protocol.of_run(cfg),
                            batch_prompts=cfg.rollout.prompts_per_step, mesh=self.mesh, pool=self.pool,
                            limit=cfg.run.eval_limit or None, stop_ids=self.stop_ids, progress=False)
         return validation_metrics(summary) if summary else {}

@@ -145,22 +145,24 @@ def metric_series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.nd
 
 def plot_metrics(run_dirs: Mapping[str, str | pathlib.Path], out_png: str | pathlib.Path | None = None,
                  panels: Sequence[tuple[str, str]] = METRIC_PANELS):
-    """One panel per metric, one line per run (`{label: run_dir}`); saved to `out_png` if given."""
+    """One panel per metric that some run logged (a run without a KL term logs no `loss/kl`), one
+    line per run (`{label: run_dir}`); saved to `out_png` if given."""
     import matplotlib.pyplot as plt
 
     runs = {label: read_metrics(path) for label, path in run_dirs.items()}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        for label, records in runs.items():
-            steps, values = metric_series(records, key)
+    series = {key: {label: metric_series(records, key) for label, records in runs.items()} for key, _ in panels}
+    shown = [(key, title) for key, title in panels if any(steps.size for steps, _ in series[key].values())]
+    if not shown:
+        raise ValueError(f"none of {[key for key, _ in panels]} in the metrics of "
+                         f"{', '.join(map(str, run_dirs.values()))}")
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], shown):
+        for label, (steps, values) in series[key].items():
             if steps.size:
                 ax.plot(steps, values, marker="." if steps.size < 30 else None, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
-        if not ax.lines:
-            ax.text(0.5, 0.5, f"no {key}", ha="center", va="center", transform=ax.transAxes, color="gray")
-    if any(ax.lines for ax in axes[0]):
-        axes[0][0].legend()
+    axes[0][0].legend()
     fig.tight_layout()
     if out_png is not None:
         fig.savefig(out_png, dpi=100)

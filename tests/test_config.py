@@ -45,6 +45,45 @@ def test_bad_values_name_the_key(override, message):
         load_config([], [override, *extra])
 
 
+def _numeric_fields():
+    import dataclasses
+    import typing
+
+    from ktae_jax.config import SECTIONS
+
+    for section, cls in SECTIONS.items():
+        for name, hint in typing.get_type_hints(cls).items():
+            if hint in (int, float) and name in {f.name for f in dataclasses.fields(cls)}:
+                yield f"{section}.{name}"
+
+
+def test_every_numeric_field_has_a_range_and_a_negative_value_is_refused_naming_it():
+    from ktae_jax.config import RANGES
+
+    fields = list(_numeric_fields())
+    assert len(fields) > 40 and sorted(fields) == sorted(RANGES)
+    for key in fields:  # -5 is outside every field's range
+        with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}=-5"):
+            load_config([], [f"{key}=-5"])
+
+
+@pytest.mark.parametrize("override", [
+    "optim.lr=-1", "optim.grad_clip=-1", "optim.weight_decay=-5", "optim.b2=1.5", "optim.b1=1.0",
+    "reward.timeout_s=-1", "reward.timeout_s=0", "reward.num_workers=-2", "rollout.top_p=1.5", "algo.clip_low=1.0",
+    "ktae.b=1.5", "data.num_epochs=0", "mesh.tensor=0", "run.ktae_top_tokens=0",
+])
+def test_out_of_range_values_are_refused_at_load(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}=.*: must be in"):
+        load_config([], [override])
+
+
+@pytest.mark.parametrize("override", ["optim.lr=0", "optim.grad_clip=0", "data.num_epochs=-1", "mesh.data=-1",
+                                      "algo.clip_ratio_c=0", "algo.clip_ratio_c=3", "rollout.top_p=1", "ktae.b=1"])
+def test_boundary_values_that_mean_off_or_all_are_accepted(override):
+    load_config([], [override])
+
+
 def test_bad_yaml_file_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("rollout:\n  group_size: 4\nmodell:\n  path: x\n")
@@ -52,6 +91,26 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         load_config([bad])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config([tmp_path / "missing.yaml"])
+
+
+def test_include_merges_the_named_files_first(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "a.yaml").write_text("rollout:\n  group_size: 4\n  prompts_per_step: 16\n")
+    (tmp_path / "parts" / "b.yaml").write_text("include: a.yaml\nrollout:\n  group_size: 2\n")  # relative to itself
+    top = tmp_path / "top.yaml"
+    top.write_text("include: [parts/b.yaml]\nrollout:\n  prompts_per_step: 32\nalgo:\n  kl_coef: 0.5\n")
+    cfg = load_config([top], ["algo.kl_coef=0.25"])
+    assert (cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.algo.kl_coef) == (2, 32, 0.25)
+    (tmp_path / "loop.yaml").write_text("include: top2.yaml\n")
+    (tmp_path / "top2.yaml").write_text("include: [loop.yaml]\n")
+    with pytest.raises(ConfigError, match="included in a cycle"):
+        load_config([tmp_path / "loop.yaml"])
+    (tmp_path / "missing.yaml").write_text("include: [nope.yaml]\n")
+    with pytest.raises(ConfigError, match=r"nope\.yaml does not exist \(included by .*missing\.yaml\)"):
+        load_config([tmp_path / "missing.yaml"])
+    (tmp_path / "bad.yaml").write_text("include: {a: 1}\n")
+    with pytest.raises(ConfigError, match="bad.yaml: 'include' must be a file name or a list"):
+        load_config([tmp_path / "bad.yaml"])
 
 
 def test_batch_must_split_into_whole_groups_per_device():
@@ -76,11 +135,18 @@ def test_the_eight_paper_recipes_load_and_plan(capsys):
         assert cfg.rollout.prompts_per_step == 1024 and cfg.rollout.group_size == 16
         assert cfg.rollout.max_new_tokens == 3072 and cfg.data.max_prompt_len == 1024 and cfg.optim.lr == 1e-6
         assert cfg.ktae.enabled == ("ktae" in path.stem)
+        size = path.stem.rsplit("_", 1)[1]
+        assert cfg.model.path == f"checkpoints/Qwen2.5-Math-{size.upper()}" and cfg.run.run_dir == f"runs/{path.stem}"
+        assert (cfg.model.param_dtype, cfg.model.compute_dtype, cfg.run.max_steps) == ("float32", "bfloat16", 500)
+        assert (cfg.algo.mini_batch_prompts, cfg.algo.micro_batch_per_device, cfg.mesh.fsdp) == (128, 1, 8)
         if path.stem.startswith("dapo"):
             assert (cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.clip_ratio_c) == (0.2, 0.28, 10.0)
             assert cfg.algo.dynamic_sampling and cfg.reward.overlong_buffer == 512 and cfg.algo.kl_coef == 0
+            assert cfg.reward.kind == "dapo" and cfg.algo.max_num_gen_batches == 10
         else:
             assert cfg.algo.kl_coef == 0.001 and cfg.algo.kl_estimator == "low_var_kl"
+            assert (cfg.algo.clip_high, cfg.algo.clip_ratio_c, cfg.algo.dynamic_sampling) == (0.2, 0.0, False)
+            assert cfg.reward.kind == "correctness" and cfg.reward.overlong_buffer == 0
         plan = dry_run(cfg)
         assert "estimated memory per device" in plan and "whole groups" in plan
         for mesh_file in sorted((CONFIGS / "mesh").glob("*.yaml")):
@@ -95,3 +161,19 @@ def test_the_eight_paper_recipes_load_and_plan(capsys):
 def test_tiny_config_is_valid():
     cfg = load_config([CONFIGS / "tiny.yaml"])
     assert isinstance(cfg, TrainConfig) and cfg.model.path == "tiny"
+
+
+def test_runtime_configs_are_built_from_the_sections():
+    cfg = load_config([], ["rollout.max_new_tokens=48", "rollout.temperature=0.7", "rollout.top_k=5",
+                           "rollout.group_size=4", "reward.kind=dapo", "reward.overlong_buffer=16",
+                           "reward.format_weight=0.1", "ktae.k1=1.5"])
+    sampling = cfg.to_sampling([7, 9], 3)
+    assert (sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p) == (48, 0.7, 5, 1.0)
+    assert (sampling.eos_ids, sampling.pad_id, sampling.num_samples, sampling.greedy) == ((7, 9), 3, 4, False)
+    reward = cfg.to_reward()
+    assert (reward.kind, reward.overlong_buffer, reward.max_response_len, reward.format_weight) == ("dapo", 16, 48, 0.1)
+    assert reward.custom_fn is None
+    assert cfg.to_ktae((1, 2)) is None  # ktae.enabled is false
+    on = load_config([], ["ktae.enabled=true", "ktae.k1=1.5"])
+    assert on.to_ktae((1, 2)).k1 == 1.5 and on.to_ktae((1, 2)).ignore_token_ids == (1, 2)
+    assert load_config([], ["ktae.enabled=true", "ktae.ignore_special=false"]).to_ktae((1, 2)).ignore_token_ids == ()

@@ -188,7 +188,9 @@ def test_grading_of_hand_written_responses(shared_dir, pool):
     ]
     items = [{"index": i, "problem": rows[b]["problem"], "prompt": "p", "answer": rows[b]["answer"]}
              for i, (b, *_) in enumerate(cases)]
-    records = ev.grade_records(items, [c[1] for c in cases], [5] * len(cases), [True] * len(cases), pool)
+    responses = [c[1] for c in cases]
+    scores = pool.grade(responses, [item["answer"] for item in items]).scores
+    records = ev.make_records(items, responses, [5] * len(cases), [True] * len(cases), scores)
     for rec, (bench, response, extracted, correct) in zip(records, cases):
         assert (rec["extracted"], rec["correct"]) == (extracted, correct), (bench, response)
         assert rec["reference"] == rows[bench]["answer"]

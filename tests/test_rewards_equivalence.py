@@ -2,10 +2,16 @@
 
 import pytest
 
-from ktae_jax.rewards import answers_equivalent, extract_boxed, grade_response
+from ktae_jax.rewards import answer_matches_any, extract_boxed, grade_response
 from ktae_jax.rewards.equivalence import reference_candidates
 from ktae_jax.rewards.guard import unsafe_to_evaluate
 from ktae_jax.rewards.normalize import math_normalize
+
+
+def answers_equivalent(answer: str, reference: str) -> bool:
+    """One extracted answer against one reference string (any of the grader's three checks)."""
+    return answer_matches_any(answer, [reference])
+
 
 # ---------------------------------------------------------------- extraction
 

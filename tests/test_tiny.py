@@ -13,7 +13,6 @@ from ktae_jax.rewards import grade_batch
 from ktae_jax.tiny import base_checkpoint_path, is_complete
 from ktae_jax.tiny.task import (
     RELIABLE_OPENER, SHORTCUT_OPENER, TaskConfig, make_problems, make_sft_examples, response_style, split_of,
-    write_jsonl,
 )
 from ktae_jax.tiny.tokenizer import build_tokenizer, prompt_text
 
@@ -90,18 +89,15 @@ def test_sft_examples_mix_error_rates_and_arithmetic():
     assert all(e["teacher_correct"] for e in clean)
 
 
-def test_real_grader_scores_teacher_solutions(tmp_path):
+def test_real_grader_scores_teacher_solutions():
     examples = make_sft_examples(120, seed=5, config=TaskConfig(shortcut_error_rate=0.5, reliable_error_rate=0.2))
     scores = grade_batch([e["solution"] for e in examples], [e["answer"] for e in examples])
     assert scores == [1.0 if e["teacher_correct"] else 0.0 for e in examples]
     assert {e["teacher_correct"] for e in examples} == {True, False}
     assert [response_style(e["solution"]) for e in examples] == [e["style"] for e in examples]
     assert response_style("  The answer is 3") == "other"
-    path = write_jsonl(tmp_path / "d" / "test.jsonl", make_problems(5, seed=0))
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(rows) == 5 and all(set(r) >= {"problem", "answer"} for r in rows)
-    with pytest.raises(ValueError, match="item 0"):
-        write_jsonl(tmp_path / "bad.jsonl", [{"question": "1+1"}])
+    rows = make_problems(5, seed=0)
+    assert len(rows) == 5 and all(set(r) >= {"problem", "answer"} for r in rows)  # the fields of real data sets
 
 
 # ---------------------------------------------------------------------- tokenizer

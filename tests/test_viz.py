@@ -110,6 +110,12 @@ def test_plot_metrics(tmp_path):
     np.testing.assert_allclose(reward.lines[0].get_xydata(), [[s, s / 10] for s in range(1, 6)])
     kl = fig.axes[3]
     assert [line.get_label() for line in kl.lines] == ["grpo"]  # run b logged no KL
+    # No run with a KL term (kl_coef = 0): no empty KL panel, only those with data.
+    fig = viz.plot_metrics({"ktae": b}, out)
+    assert [ax.get_title() for ax in fig.axes] == [t for k, t in viz.METRIC_PANELS if k != "loss/kl"]
+    assert all(ax.lines for ax in fig.axes)
+    with pytest.raises(ValueError, match="none of"):
+        viz.plot_metrics({"ktae": b}, out, panels=[("loss/kl", "KL")])
 
 
 def test_read_metrics_errors(tmp_path):

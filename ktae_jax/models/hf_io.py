@@ -32,43 +32,42 @@ class CheckpointError(ValueError):
     """A checkpoint folder we cannot load; the message names the file and tensor."""
 
 
-# One entry: (our path in the module tree, HF tensor name, layout kind, heads in that tensor).
-ParamEntry = tuple[tuple[str | int, ...], str, str, int]
+# One entry: (our path in the module tree, HF tensor name, layout kind).
+ParamEntry = tuple[tuple[str | int, ...], str, str]
 
 
 def _param_map(cfg: ModelConfig) -> list[ParamEntry]:
-    h, kv = cfg.num_heads, cfg.num_kv_heads
-    entries: list[ParamEntry] = [(("embed",), "model.embed_tokens.weight", "copy", 0)]
+    entries: list[ParamEntry] = [(("embed",), "model.embed_tokens.weight", "copy")]
     for i in range(cfg.num_layers):
         p, a, m = f"model.layers.{i}.", ("layers", i, "attn"), ("layers", i, "mlp")
         entries += [
-            (("layers", i, "input_norm", "weight"), p + "input_layernorm.weight", "copy", 0),
-            (("layers", i, "post_attn_norm", "weight"), p + "post_attention_layernorm.weight", "copy", 0),
-            (a + ("q",), p + "self_attn.q_proj.weight", "heads_in", h),
-            (a + ("k",), p + "self_attn.k_proj.weight", "heads_in", kv),
-            (a + ("v",), p + "self_attn.v_proj.weight", "heads_in", kv),
-            (a + ("o",), p + "self_attn.o_proj.weight", "heads_out", h),
-            (m + ("gate",), p + "mlp.gate_proj.weight", "linear", 0),
-            (m + ("up",), p + "mlp.up_proj.weight", "linear", 0),
-            (m + ("down",), p + "mlp.down_proj.weight", "linear", 0),
+            (("layers", i, "input_norm", "weight"), p + "input_layernorm.weight", "copy"),
+            (("layers", i, "post_attn_norm", "weight"), p + "post_attention_layernorm.weight", "copy"),
+            (a + ("q",), p + "self_attn.q_proj.weight", "heads_in"),
+            (a + ("k",), p + "self_attn.k_proj.weight", "heads_in"),
+            (a + ("v",), p + "self_attn.v_proj.weight", "heads_in"),
+            (a + ("o",), p + "self_attn.o_proj.weight", "heads_out"),
+            (m + ("gate",), p + "mlp.gate_proj.weight", "linear"),
+            (m + ("up",), p + "mlp.up_proj.weight", "linear"),
+            (m + ("down",), p + "mlp.down_proj.weight", "linear"),
         ]
         if cfg.qkv_bias:
             entries += [
-                (a + ("q_bias",), p + "self_attn.q_proj.bias", "heads_bias", h),
-                (a + ("k_bias",), p + "self_attn.k_proj.bias", "heads_bias", kv),
-                (a + ("v_bias",), p + "self_attn.v_proj.bias", "heads_bias", kv),
+                (a + ("q_bias",), p + "self_attn.q_proj.bias", "heads_bias"),
+                (a + ("k_bias",), p + "self_attn.k_proj.bias", "heads_bias"),
+                (a + ("v_bias",), p + "self_attn.v_proj.bias", "heads_bias"),
             ]
         if cfg.o_bias:
-            entries.append((a + ("o_bias",), p + "self_attn.o_proj.bias", "copy", 0))
+            entries.append((a + ("o_bias",), p + "self_attn.o_proj.bias", "copy"))
         if cfg.mlp_bias:
             entries += [
-                (m + ("gate_bias",), p + "mlp.gate_proj.bias", "copy", 0),
-                (m + ("up_bias",), p + "mlp.up_proj.bias", "copy", 0),
-                (m + ("down_bias",), p + "mlp.down_proj.bias", "copy", 0),
+                (m + ("gate_bias",), p + "mlp.gate_proj.bias", "copy"),
+                (m + ("up_bias",), p + "mlp.up_proj.bias", "copy"),
+                (m + ("down_bias",), p + "mlp.down_proj.bias", "copy"),
             ]
-    entries.append((("final_norm", "weight"), "model.norm.weight", "copy", 0))
+    entries.append((("final_norm", "weight"), "model.norm.weight", "copy"))
     if not cfg.tie_word_embeddings:
-        entries.append((("lm_head",), "lm_head.weight", "copy", 0))
+        entries.append((("lm_head",), "lm_head.weight", "copy"))
     return entries
 
 
@@ -183,7 +182,7 @@ def load_pretrained(
     model = nnx.eval_shape(lambda: Transformer(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(0)))
     place = _placer(mesh)
     used = set()
-    for our_path, hf_name, kind, _ in _param_map(config):
+    for our_path, hf_name, kind in _param_map(config):
         var = _get(model, our_path)
         ours = tuple(var.get_value().shape)
         if hf_name not in tensors:
@@ -244,7 +243,7 @@ def save_pretrained(
     shards: list[dict[str, np.ndarray]] = [{}]
     sizes = [0]
     param_dtype = None
-    for our_path, hf_name, kind, _ in _param_map(config):
+    for our_path, hf_name, kind in _param_map(config):
         host = np.asarray(jax.device_get(_get(model, our_path)[...]))
         param_dtype = param_dtype or host.dtype
         tensor = np.ascontiguousarray(_to_hf(kind, host))

@@ -7,7 +7,6 @@ Device side (exact-token answers, inside jit): `exact_match_reward`.
 
 from ktae_jax.rewards.equivalence import (
     answer_matches_any,
-    answers_equivalent,
     grade_response,
     reference_candidates,
 )
@@ -30,7 +29,6 @@ __all__ = [
     "GraderPool",
     "RewardConfig",
     "answer_matches_any",
-    "answers_equivalent",
     "compute_rewards",
     "exact_match_reward",
     "extract_boxed",

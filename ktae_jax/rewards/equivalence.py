@@ -303,11 +303,6 @@ def answer_matches_any(answer: str, references: list[str]) -> bool:
     return any(_string_match(*p) for p in pairs) or any(_symbolic_match(*p) for p in pairs)
 
 
-def answers_equivalent(answer: str, reference: str) -> bool:
-    """Whether one extracted answer matches one reference string (any of the three checks)."""
-    return answer_matches_any(answer, [reference])
-
-
 def grade_response(response: str, reference: object) -> float:
     """1.0 when the last boxed answer of `response` matches any reference answer, else 0.0."""
     if not isinstance(response, str):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pathlib
 
-from ktae_jax.tiny.task import TaskConfig, make_problems, make_sft_examples, response_style, write_jsonl
+from ktae_jax.tiny.task import TaskConfig, make_problems, make_sft_examples, response_style
 
 _BASE = pathlib.Path(__file__).resolve().parent / "base"
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -49,5 +49,5 @@ def training_rows(cfg) -> list[dict]:
 
 __all__ = [
     "TaskConfig", "base_checkpoint_path", "base_folder", "ensure_base", "is_complete", "make_problems",
-    "make_sft_examples", "response_style", "training_rows", "write_jsonl",
+    "make_sft_examples", "response_style", "training_rows",
 ]

@@ -113,7 +113,7 @@ def _replace_path(config: Any, path: list[str], text: str, key: str) -> Any:
 
 # ---------------------------------------------------------------------- 1. DATA
 def encode_examples(tokenizer: Any, examples: Sequence[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids_NxT, mask_NxT, loss_mask_NxT) int32, right-padded; loss on response tokens + EOS."""
+    """(ids_BxT, mask_BxT, loss_mask_BxT) int32 for B examples, right-padded; loss on response tokens + EOS."""
     prompts = tokenizer([prompt_text(tokenizer, e["problem"]) for e in examples], add_special_tokens=False)
     targets = tokenizer([e["solution"] + tokenizer.eos_token for e in examples], add_special_tokens=False)
     rows = [(p, t) for p, t in zip(prompts["input_ids"], targets["input_ids"])]

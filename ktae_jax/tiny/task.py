@@ -18,8 +18,6 @@ problems never appear in supervised data.
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 import zlib
 from collections.abc import Iterable
 from typing import Literal
@@ -147,16 +145,3 @@ def response_style(response: str) -> Style:
     if text.startswith(SHORTCUT_OPENER):
         return "shortcut"
     return "other"
-
-
-# ---------------------------------------------------------------------- files
-def write_jsonl(path: str | pathlib.Path, problems: Iterable[dict]) -> pathlib.Path:
-    """One JSON object a line with at least `problem` and `answer`, as the real datasets have."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for i, item in enumerate(problems):
-            if "problem" not in item or "answer" not in item:
-                raise ValueError(f"{path}: item {i} lacks 'problem' or 'answer'")
-            f.write(json.dumps(item) + "\n")
-    return path
