@@ -1,5 +1,9 @@
 """The pure update step: skipping the old-policy pass on-policy, sharing prompts within groups, and
-the mini/micro-batch layout change nothing but the work done."""
+the mini/micro-batch layout change nothing but the work done.
+
+Two computations of an update are compared under plain SGD (`_train_helpers.assert_same_sgd_updates`):
+an SGD update is -lr x gradient, so the comparison is one of gradients; Adam would turn last-bit
+differences of near-zero gradients into visible parameter changes."""
 
 import dataclasses
 import math
@@ -9,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _train_helpers import assert_same_sgd_updates
 from flax import nnx
 
 from ktae_jax.config import AlgoSection, OptimSection
@@ -36,7 +41,7 @@ def test_on_policy_update_equals_the_recomputed_one():
     adv = jnp.asarray(rng.normal(size=(N, R)), jnp.float32) * resp_mask
     old, _ = micro_logprobs(graphdef, params, tokens, attn, response_len=R, rows_per_prompt=1, temperature=1.0)
     batch = UpdateBatch(tokens, attn, resp_mask, adv, old, jnp.zeros_like(old))
-    tx = make_optimizer(OptimSection(lr=1e-2))
+    tx = optax.sgd(1e-2)
     algo = AlgoSection(clip_low=0.2, clip_high=0.28)
     results = []
     for settings_cls in (UpdateSettings, _RecomputingSettings):
@@ -51,9 +56,7 @@ def test_on_policy_update_equals_the_recomputed_one():
     (p1, m1), (p2, m2) = results
     assert float(m1["loss/ratio_mean"]) == 1.0 and abs(float(m2["loss/ratio_mean"]) - 1.0) < 1e-5
     np.testing.assert_allclose(float(m1["loss/total"]), float(m2["loss/total"]), rtol=1e-5)
-    for a, b in zip(p1, p2):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    assert any(not np.allclose(np.asarray(a), np.asarray(b)) for a, b in zip(p1, jax.tree.leaves(params)))
+    assert_same_sgd_updates([np.asarray(x) for x in jax.tree.leaves(params)], p1, p2)
 
 
 @pytest.mark.parametrize("minis,micros,devices,group", [(1, 1, 1, 4), (2, 2, 1, 4), (2, 1, 4, 4), (4, 2, 2, 2),
@@ -106,7 +109,7 @@ def test_sharing_prompts_in_the_update_changes_nothing_but_the_work():
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     graphdef, params = nnx.split(init_random(config, seed=2))
     batch = _grouped_batch(graphdef, params)
-    tx = make_optimizer(OptimSection(lr=1e-2))
+    tx = optax.sgd(1e-2)
     algo = AlgoSection(clip_low=0.2, clip_high=0.28, kl_coef=0.1, kl_estimator="low_var_kl", ppo_epochs=2)
     results = []
     # 4 prompts x 4 rows in 2 mini-batches of 2 prompts; 8 micro-batches of 1 row share nothing (the
@@ -129,8 +132,7 @@ def test_sharing_prompts_in_the_update_changes_nothing_but_the_work():
     for p, m in others:
         for key in ("loss/total", "loss/kl", "optim/grad_norm"):
             np.testing.assert_allclose(float(m[key]), float(m0[key]), rtol=1e-5, err_msg=key)
-        for a, b in zip(p, p0):  # Adam amplifies the rounding of near-zero gradients: 0.1% of lr
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        assert_same_sgd_updates([np.asarray(x) for x in jax.tree.leaves(params)], p, p0)
 
 
 @pytest.mark.parametrize("data, fsdp, tensor", [(8, 1, 1), (2, 4, 1), (1, 8, 1), (1, 4, 2)])

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import optax
 import pytest
-from _train_helpers import assert_same_parameters, make_workspace, read_metrics, tiny_config, tiny_overrides, without_times
+from _train_helpers import (assert_same_sgd_updates, make_workspace, read_metrics, tiny_config, tiny_overrides, use_sgd,
+                            without_times)
 
 from ktae_jax.metrics import StageTimer
 from ktae_jax.models import load_pretrained
@@ -95,9 +96,10 @@ def test_resume_reproduces_the_uninterrupted_run(workspace, tmp_path):
             t.close()
 
 
-def test_one_device_and_eight_devices_agree(workspace, tmp_path, capfd):
+def test_one_device_and_eight_devices_agree(workspace, tmp_path, capfd, monkeypatch):
     checkpoint, data = workspace
     assert jax.device_count() == 8
+    use_sgd(monkeypatch)  # parameters compared as gradients (see _train_helpers)
     results = []
     # The eight-device run also slices its old/reference log-prob passes finer than its update.
     eight = {"mesh.data": 4, "mesh.fsdp": 2, "algo.logprob_micro_batch_per_device": 1}
@@ -106,8 +108,9 @@ def test_one_device_and_eight_devices_agree(workspace, tmp_path, capfd):
                                                                              "rollout.sample_prompts_per_device": 0},
                                       **mesh), devices)
         try:
+            before = _params(trainer)
             metrics = trainer.step(1)
-            results.append((metrics, _params(trainer)))
+            results.append((metrics, before, _params(trainer)))
             if name == "eight":
                 leaf = jax.tree.leaves(trainer.state.params)[0]
                 assert len(leaf.sharding.device_set) == 8
@@ -120,11 +123,12 @@ def test_one_device_and_eight_devices_agree(workspace, tmp_path, capfd):
                 assert "Involuntary full rematerialization" not in capfd.readouterr().err
         finally:
             trainer.close()
-    (m1, p1), (m8, p8) = results
+    (m1, p0, p1), (m8, p0_8, p8) = results
+    assert all(np.array_equal(x, y) for x, y in zip(p0, p0_8))
     assert m1["reward/mean"] == m8["reward/mean"]  # the same greedy-independent samples and rewards
     for key in ("loss/total", "loss/pg", "loss/kl", "optim/grad_norm"):
         assert m1[key] == pytest.approx(m8[key], rel=1e-4, abs=1e-6), key
-    assert_same_parameters(p1, p8, lr=1e-3)
+    assert_same_sgd_updates(p0, p1, p8)
 
 
 def _fake_rollouts(rewards, G, R=3):
@@ -173,24 +177,40 @@ def test_rollouts_of_different_prompt_widths_concatenate_left_padded():
     assert merged.rewards_N.tolist() == [0.0, 1.0, 1.0, 1.0]
 
 
-def test_trimmed_prompt_padding_changes_nothing_but_the_work(workspace, tmp_path):
+def test_trimmed_prompt_padding_changes_nothing_but_the_work(workspace, tmp_path, monkeypatch):
     checkpoint, data = workspace
+    use_sgd(monkeypatch)  # parameters compared as gradients (see _train_helpers)
     results = []
     for trim in (False, True):
         trainer = Trainer(tiny_config(checkpoint, data, tmp_path / f"trim{trim}", **{
             "data.trim_prompt_padding": trim, "data.max_prompt_len": 48}), jax.devices()[:1])
+        calls = []
+        advantages = trainer._advantages
+
+        def spy(resp, resp_mask, rewards, correct=None, **kwargs):
+            calls.append((np.asarray(rewards), None if correct is None else np.asarray(correct)))
+            return advantages(resp, resp_mask, rewards, correct, **kwargs)
+
+        trainer._advantages = spy
         try:
+            before = _params(trainer)
             metrics = trainer.step(1)
-            results.append((metrics, _params(trainer), sorted(trainer._train_steps)))
+            results.append((metrics, before, _params(trainer), sorted(trainer._train_steps)))
         finally:
             trainer.close()
-    (m_full, p_full, widths_full), (m_trim, p_trim, widths_trim) = results
+        # The advantages get the shaped rewards and, for KTAE's split, the grader's verdicts (here a
+        # custom reward, a digit in the response, is not the verdict).
+        ((rewards, correct),) = calls
+        assert correct is not None and set(np.unique(correct)) <= {0.0, 1.0}
+        assert correct.mean() == pytest.approx(metrics["reward/accuracy"]) and rewards.mean() == pytest.approx(
+            metrics["reward/mean"])
+    (m_full, p0, p_full, widths_full), (m_trim, _, p_trim, widths_trim) = results
     assert widths_full == [48] and len(widths_trim) == 2 and min(widths_trim) < 48  # a narrower step compiled
     assert m_full["response/length_mean"] == m_trim["response/length_mean"]
     assert m_full["reward/mean"] == m_trim["reward/mean"]
     for key in ("loss/total", "loss/kl", "optim/grad_norm"):
         assert m_full[key] == pytest.approx(m_trim[key], rel=1e-4, abs=1e-6), key
-    assert_same_parameters(p_full, p_trim, lr=1e-3)
+    assert_same_sgd_updates(p0, p_full, p_trim)
 
 
 def test_stage_timer_sums_repeated_stages(monkeypatch):
