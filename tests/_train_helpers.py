@@ -54,23 +54,30 @@ def without_times(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith(("time/", "throughput/", "reward/grade_s"))}
 
 
-def use_sgd(monkeypatch) -> None:
-    """The trainer with plain SGD at the configured lr instead of AdamW, for tests that compare two
-    computations of a step: an SGD update is -lr x gradient, so the comparison is one of gradients.
+def use_gradient_linear_optimizer(monkeypatch) -> None:
+    """The trainer with Adam at eps = 1 (no weight decay, no clipping) instead of its AdamW, for tests
+    that compare two computations of a step.
 
-    Adam would not do: its first update is lr g / (|g| + eps), so a gradient element near eps = 1e-8
-    turns last-bit differences (another reduction order, another device split) into a visible
-    fraction of lr (a fresh clone once saw 1.87e-6 at lr 1e-2 on one of 1,024 elements).
+    AdamW's first update is lr g / (|g| + eps) with eps = 1e-8: a gradient element near eps turns
+    last-bit differences (another reduction order, another device split) into a visible fraction of
+    lr (a fresh clone once saw 1.87e-6 at lr 1e-2 on one of 1,024 elements). With eps = 1 the update
+    lr m / (sqrt(v) + 1) is ~ lr x gradient for the gradients here (|g| << 1) and never moves by more
+    than lr x a gradient difference, so the comparison is one of gradients; the optimizer state
+    keeps AdamW's layout (mu, nu, count), which the sharding checks look at.
     """
     import optax
 
     from ktae_jax import train
 
-    monkeypatch.setattr(train, "make_optimizer", lambda cfg: optax.sgd(cfg.lr))
+    def optimizer(cfg):
+        return optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=1.0), optax.scale(-cfg.lr))
+
+    monkeypatch.setattr(train, "make_optimizer", optimizer)
 
 
-def assert_same_sgd_updates(before: list, a: list, b: list, *, rtol: float = 1e-4) -> None:
-    """Parameters after the same SGD steps computed two ways (`before` -> `a`, `before` -> `b`).
+def assert_same_updates(before: list, a: list, b: list, *, rtol: float = 1e-4) -> None:
+    """Parameters after the same steps of an optimizer linear in the gradient (plain SGD, or
+    `use_gradient_linear_optimizer`'s), computed two ways (`before` -> `a`, `before` -> `b`).
 
     The updates must agree to `rtol` of the largest update (gradients summed in another order
     differ by ~1e-6 of that), plus the float32 rounding of the stored parameters themselves; and

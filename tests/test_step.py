@@ -1,7 +1,7 @@
 """The pure update step: skipping the old-policy pass on-policy, sharing prompts within groups, and
 the mini/micro-batch layout change nothing but the work done.
 
-Two computations of an update are compared under plain SGD (`_train_helpers.assert_same_sgd_updates`):
+Two computations of an update are compared under plain SGD (`_train_helpers.assert_same_updates`):
 an SGD update is -lr x gradient, so the comparison is one of gradients; Adam would turn last-bit
 differences of near-zero gradients into visible parameter changes."""
 
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _train_helpers import assert_same_sgd_updates
+from _train_helpers import assert_same_updates
 from flax import nnx
 
 from ktae_jax.config import AlgoSection, OptimSection
@@ -56,7 +56,7 @@ def test_on_policy_update_equals_the_recomputed_one():
     (p1, m1), (p2, m2) = results
     assert float(m1["loss/ratio_mean"]) == 1.0 and abs(float(m2["loss/ratio_mean"]) - 1.0) < 1e-5
     np.testing.assert_allclose(float(m1["loss/total"]), float(m2["loss/total"]), rtol=1e-5)
-    assert_same_sgd_updates([np.asarray(x) for x in jax.tree.leaves(params)], p1, p2)
+    assert_same_updates([np.asarray(x) for x in jax.tree.leaves(params)], p1, p2)
 
 
 @pytest.mark.parametrize("minis,micros,devices,group", [(1, 1, 1, 4), (2, 2, 1, 4), (2, 1, 4, 4), (4, 2, 2, 2),
@@ -132,7 +132,7 @@ def test_sharing_prompts_in_the_update_changes_nothing_but_the_work():
     for p, m in others:
         for key in ("loss/total", "loss/kl", "optim/grad_norm"):
             np.testing.assert_allclose(float(m[key]), float(m0[key]), rtol=1e-5, err_msg=key)
-        assert_same_sgd_updates([np.asarray(x) for x in jax.tree.leaves(params)], p, p0)
+        assert_same_updates([np.asarray(x) for x in jax.tree.leaves(params)], p, p0)
 
 
 @pytest.mark.parametrize("data, fsdp, tensor", [(8, 1, 1), (2, 4, 1), (1, 8, 1), (1, 4, 2)])

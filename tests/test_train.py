@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import optax
 import pytest
-from _train_helpers import (assert_same_sgd_updates, make_workspace, read_metrics, tiny_config, tiny_overrides, use_sgd,
-                            without_times)
+from _train_helpers import (assert_same_updates, make_workspace, read_metrics, tiny_config, tiny_overrides,
+                            use_gradient_linear_optimizer, without_times)
 
 from ktae_jax.metrics import StageTimer
 from ktae_jax.models import load_pretrained
@@ -99,7 +99,7 @@ def test_resume_reproduces_the_uninterrupted_run(workspace, tmp_path):
 def test_one_device_and_eight_devices_agree(workspace, tmp_path, capfd, monkeypatch):
     checkpoint, data = workspace
     assert jax.device_count() == 8
-    use_sgd(monkeypatch)  # parameters compared as gradients (see _train_helpers)
+    use_gradient_linear_optimizer(monkeypatch)  # parameters compared as gradients (see _train_helpers)
     results = []
     # The eight-device run also slices its old/reference log-prob passes finer than its update.
     eight = {"mesh.data": 4, "mesh.fsdp": 2, "algo.logprob_micro_batch_per_device": 1}
@@ -128,7 +128,7 @@ def test_one_device_and_eight_devices_agree(workspace, tmp_path, capfd, monkeypa
     assert m1["reward/mean"] == m8["reward/mean"]  # the same greedy-independent samples and rewards
     for key in ("loss/total", "loss/pg", "loss/kl", "optim/grad_norm"):
         assert m1[key] == pytest.approx(m8[key], rel=1e-4, abs=1e-6), key
-    assert_same_sgd_updates(p0, p1, p8)
+    assert_same_updates(p0, p1, p8)
 
 
 def _fake_rollouts(rewards, G, R=3):
@@ -179,7 +179,7 @@ def test_rollouts_of_different_prompt_widths_concatenate_left_padded():
 
 def test_trimmed_prompt_padding_changes_nothing_but_the_work(workspace, tmp_path, monkeypatch):
     checkpoint, data = workspace
-    use_sgd(monkeypatch)  # parameters compared as gradients (see _train_helpers)
+    use_gradient_linear_optimizer(monkeypatch)  # parameters compared as gradients (see _train_helpers)
     results = []
     for trim in (False, True):
         trainer = Trainer(tiny_config(checkpoint, data, tmp_path / f"trim{trim}", **{
@@ -210,7 +210,7 @@ def test_trimmed_prompt_padding_changes_nothing_but_the_work(workspace, tmp_path
     assert m_full["reward/mean"] == m_trim["reward/mean"]
     for key in ("loss/total", "loss/kl", "optim/grad_norm"):
         assert m_full[key] == pytest.approx(m_trim[key], rel=1e-4, abs=1e-6), key
-    assert_same_sgd_updates(p0, p_full, p_trim)
+    assert_same_updates(p0, p_full, p_trim)
 
 
 def test_stage_timer_sums_repeated_stages(monkeypatch):
