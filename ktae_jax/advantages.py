@@ -1,6 +1,7 @@
 """Advantage estimators the trainer chooses from: pure functions of rewards (and tokens) over groups.
 
 Rows are grouped contiguously: the G rollouts of prompt i are rows i*G .. i*G + G - 1.
+Letters: N rollouts (rows), P groups (one per prompt) of G rollouts, L response tokens.
 
 Rollout-level estimators (one number per rollout), every one of them in this module only:
   * ``grpo``:    (r - mean_group) / (std_group + eps), unbiased std (ddof = 1) as the paper's code;
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from ktae_jax.ktae import KTAEConfig, key_scores_at_tokens
+from ktae_jax.mesh import BATCH_AXES
 
 Estimator = Literal["grpo", "drgrpo", "rloo"]
 ESTIMATORS: tuple[str, ...] = typing.get_args(Estimator)
@@ -49,44 +51,44 @@ ESTIMATORS: tuple[str, ...] = typing.get_args(Estimator)
 class TokenAdvantages(NamedTuple):
     """What the update trains on, and the KTAE part of it for the diagnostics."""
 
-    advantages: jax.Array  # [B, L] float32: mask * (rollout advantage + key score)
-    key_scores: jax.Array | None  # [B, L] float32 KTAE key scores (0 where masked); None without KTAE
+    advantages: jax.Array  # [N, L] float32: mask * (rollout advantage + key score)
+    key_scores: jax.Array | None  # [N, L] float32 KTAE key scores (0 where masked); None without KTAE
 
 
-def _centred(rewards_NxG):
+def _centred(rewards_PxG):
     """(r - group mean, group is uniform): centred about a member of the group (see the docstring)."""
-    shifted_NxG = rewards_NxG - rewards_NxG[:, :1]
-    uniform_Nx1 = jnp.all(shifted_NxG == 0, axis=1, keepdims=True)
-    centred_NxG = shifted_NxG - shifted_NxG.mean(axis=1, keepdims=True)
-    return jnp.where(uniform_Nx1, 0.0, centred_NxG), uniform_Nx1
+    shifted_PxG = rewards_PxG - rewards_PxG[:, :1]
+    uniform_Px1 = jnp.all(shifted_PxG == 0, axis=1, keepdims=True)
+    centred_PxG = shifted_PxG - shifted_PxG.mean(axis=1, keepdims=True)
+    return jnp.where(uniform_Px1, 0.0, centred_PxG), uniform_Px1
 
 
 def rollout_advantages(rewards, *, group_size: int, estimator: Estimator = "grpo", eps: float = 1e-6):
-    """`[B]` rewards -> `[B]` float32 rollout-level advantages (exactly 0 for uniform groups)."""
+    """`[N]` rewards -> `[N]` float32 rollout-level advantages (exactly 0 for uniform groups)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {ESTIMATORS}")
-    rewards_B = jnp.asarray(rewards, jnp.float32)
-    if group_size < 1 or rewards_B.ndim != 1 or rewards_B.shape[0] % group_size:
-        raise ValueError(f"a batch of {rewards_B.size} rewards (shape {rewards_B.shape}) is not a whole number of groups "
+    rewards_N = jnp.asarray(rewards, jnp.float32)
+    if group_size < 1 or rewards_N.ndim != 1 or rewards_N.shape[0] % group_size:
+        raise ValueError(f"a batch of {rewards_N.size} rewards (shape {rewards_N.shape}) is not a whole number of groups "
                          f"of {group_size}")
-    rewards_NxG = rewards_B.reshape(-1, group_size)
+    rewards_PxG = rewards_N.reshape(-1, group_size)
     if group_size == 1:
-        return jnp.zeros(rewards_NxG.size, jnp.float32)
-    centred_NxG, uniform_Nx1 = _centred(rewards_NxG)
+        return jnp.zeros(rewards_PxG.size, jnp.float32)
+    centred_PxG, uniform_Px1 = _centred(rewards_PxG)
     if estimator == "drgrpo":
-        return centred_NxG.reshape(-1)
+        return centred_PxG.reshape(-1)
     if estimator == "rloo":
-        return (centred_NxG * (group_size / (group_size - 1))).reshape(-1)
-    std_Nx1 = jnp.sqrt(jnp.sum(centred_NxG**2, axis=1, keepdims=True) / (group_size - 1))
-    denominator_Nx1 = jnp.where(uniform_Nx1, 1.0, std_Nx1 + eps)  # eps = 0 and a uniform group: no 0 / 0
-    return (centred_NxG / denominator_Nx1).reshape(-1)
+        return (centred_PxG * (group_size / (group_size - 1))).reshape(-1)
+    std_Px1 = jnp.sqrt(jnp.sum(centred_PxG**2, axis=1, keepdims=True) / (group_size - 1))
+    denominator_Px1 = jnp.where(uniform_Px1, 1.0, std_Px1 + eps)  # eps = 0 and a uniform group: no 0 / 0
+    return (centred_PxG / denominator_Px1).reshape(-1)
 
 
 def uniform_rows(rewards, *, group_size: int):
-    """`[B]` bool: the row's group has all rewards equal (no signal: no advantage, no key score)."""
-    rewards_NxG = jnp.asarray(rewards, jnp.float32).reshape(-1, group_size)
-    uniform_Nx1 = jnp.all(rewards_NxG == rewards_NxG[:, :1], axis=1, keepdims=True)
-    return jnp.broadcast_to(uniform_Nx1, rewards_NxG.shape).reshape(-1)
+    """`[N]` bool: the row's group has all rewards equal (no signal: no advantage, no key score)."""
+    rewards_PxG = jnp.asarray(rewards, jnp.float32).reshape(-1, group_size)
+    uniform_Px1 = jnp.all(rewards_PxG == rewards_PxG[:, :1], axis=1, keepdims=True)
+    return jnp.broadcast_to(uniform_Px1, rewards_PxG.shape).reshape(-1)
 
 
 @functools.partial(
@@ -104,9 +106,9 @@ def token_advantages(
     eps: float = 1e-6,
     ktae: KTAEConfig | None = None,
     mesh: Mesh | None = None,
-    batch_axes: tuple[str, ...] = ("data", "fsdp"),
+    batch_axes: tuple[str, ...] = BATCH_AXES,
 ) -> TokenAdvantages:
-    """`[B, L]` tokens, `[B, L]` mask, `[B]` shaped rewards, `[B]` verdicts (optional) -> `TokenAdvantages`.
+    """`[N, L]` tokens, `[N, L]` mask, `[N]` shaped rewards, `[N]` verdicts (optional) -> `TokenAdvantages`.
 
     `advantages = mask * (rollout advantage [+ KTAE key score])`. KTAE's correct/wrong split is
     `correct > 0` (the grader's verdict), or `rewards > 0` when no verdict is given. Groups whose
@@ -116,24 +118,24 @@ def token_advantages(
     `batch_axes`: each device scores only its own groups, which must therefore be whole
     (rows per device a multiple of `group_size`); no group is ever split across devices.
     """
-    mask_BxL = jnp.asarray(mask).astype(bool)
-    rollout_B = rollout_advantages(rewards, group_size=group_size, estimator=estimator, eps=eps)
-    adv_BxL = jnp.broadcast_to(rollout_B[:, None], mask_BxL.shape)
-    key_BxL = None
+    mask_NxL = jnp.asarray(mask).astype(bool)
+    rollout_N = rollout_advantages(rewards, group_size=group_size, estimator=estimator, eps=eps)
+    adv_NxL = jnp.broadcast_to(rollout_N[:, None], mask_NxL.shape)
+    key_NxL = None
     if ktae is not None:
-        verdict_B = jnp.asarray(rewards if correct is None else correct, jnp.float32)
+        verdict_N = jnp.asarray(rewards if correct is None else correct, jnp.float32)
         score = functools.partial(key_scores_at_tokens, group_size=group_size, vocab_size=vocab_size, config=ktae)
         if mesh is not None:
-            score = shard_over_groups(score, mesh, batch_axes, group_size, batch=mask_BxL.shape[0])
-        key_BxL = score(tokens, mask_BxL, verdict_B)
-        silent_B = uniform_rows(rewards, group_size=group_size)
-        key_BxL = jnp.where(mask_BxL & ~silent_B[:, None], key_BxL, 0.0).astype(jnp.float32)
-        adv_BxL = adv_BxL + key_BxL
-    return TokenAdvantages(jnp.where(mask_BxL, adv_BxL, 0.0).astype(jnp.float32), key_BxL)
+            score = shard_over_groups(score, mesh, batch_axes, group_size, batch=mask_NxL.shape[0])
+        key_NxL = score(tokens, mask_NxL, verdict_N)
+        silent_N = uniform_rows(rewards, group_size=group_size)
+        key_NxL = jnp.where(mask_NxL & ~silent_N[:, None], key_NxL, 0.0).astype(jnp.float32)
+        adv_NxL = adv_NxL + key_NxL
+    return TokenAdvantages(jnp.where(mask_NxL, adv_NxL, 0.0).astype(jnp.float32), key_NxL)
 
 
 def shard_over_groups(fn, mesh: Mesh, batch_axes: tuple[str, ...], group_size: int, *, batch: int):
-    """Wrap a per-row function of `[B, ...]` arrays so each device runs it on its own whole groups."""
+    """Wrap a per-row function of `[N, ...]` arrays so each device runs it on its own whole groups."""
     axes = tuple(a for a in batch_axes if a in mesh.shape)
     shards = 1
     for axis in axes:

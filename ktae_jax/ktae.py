@@ -30,7 +30,10 @@ How it is made fast (the paper's step: 1,024 groups x 16 rollouts x 3,072 tokens
     occurrence of v in rollout g writes the same value `count[v] + inc[g]`, so duplicates
     within a rollout collapse and each (v, g) pair counts once.
   * Groups are `vmap`ped in chunks with `lax.map(batch_size=...)`, so only a few
-    vocabulary-sized tables are alive at once; nothing of shape [B, L, V] or [groups, V] exists.
+    vocabulary-sized tables are alive at once; nothing of shape [N, L, V] or [P, V] exists.
+
+Letters: N rollouts (rows of a batch), P groups (one per prompt) of G rollouts, L response
+tokens, V the vocabulary.
 """
 
 from __future__ import annotations
@@ -272,37 +275,37 @@ def key_scores_at_tokens(
     config: KTAEConfig = KTAEConfig(),
     groups_per_chunk: int | None = None,
 ):
-    """`[B, L]`, `[B, L]`, `[B]` -> `[B, L]`: each position's key score within its group (0 if masked).
+    """`[N, L]`, `[N, L]`, `[N]` -> `[N, L]`: each position's key score within its group (0 if masked).
 
     The third argument decides the split (correct where > 0): the grader's verdicts, or rewards
     that are a function of them alone (0/1, +-1).
-    Rows are grouped contiguously (B = groups x group_size). Groups are vmapped in chunks of
+    Rows are grouped contiguously (N = P groups x G = group_size). Groups are vmapped in chunks of
     `groups_per_chunk`, which bounds the vocabulary-sized tables alive at once. The default is
     one group at a time on CPU (XLA's batched scatters are slower there than a loop) and 16 at
     a time on accelerators, where the vmapped scatters run in parallel.
     """
     if groups_per_chunk is None:
         groups_per_chunk = 1 if jax.default_backend() == "cpu" else 16
-    tokens_BxL, mask_BxL, rewards_B = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(rewards)
-    B, L = tokens_BxL.shape
+    tokens_NxL, mask_NxL, rewards_N = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(rewards)
+    N, L = tokens_NxL.shape
     _check_group_size(group_size)
-    if B % group_size:
-        raise ValueError(f"batch of {B} rollouts is not a whole number of groups of {group_size}")
-    n_groups = B // group_size
+    if N % group_size:
+        raise ValueError(f"batch of {N} rollouts is not a whole number of groups of {group_size}")
+    n_groups = N // group_size
     grouped = (
-        tokens_BxL.reshape(n_groups, group_size, L),
-        mask_BxL.reshape(n_groups, group_size, L),
-        rewards_B.reshape(n_groups, group_size),
+        tokens_NxL.reshape(n_groups, group_size, L),
+        mask_NxL.reshape(n_groups, group_size, L),
+        rewards_N.reshape(n_groups, group_size),
     )
     per_group = functools.partial(_group_key_at_tokens, vocab_size=vocab_size, config=config)
-    key_NxGxL = lax.map(lambda xs: per_group(*xs), grouped, batch_size=min(groups_per_chunk, n_groups))
-    return key_NxGxL.reshape(B, L)
+    key_PxGxL = lax.map(lambda xs: per_group(*xs), grouped, batch_size=min(groups_per_chunk, n_groups))
+    return key_PxGxL.reshape(N, L)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "vocab_size", "config"))
 def ktae_advantages(tokens, mask, rewards, *, group_size: int, vocab_size: int, config: KTAEConfig = KTAEConfig(),
                     correct=None):
-    """Token-level KTAE advantage `mask * (A_grpo + key)`: `[B, L]`, `[B, L]`, `[B]` -> `[B, L]` float32.
+    """Token-level KTAE advantage `mask * (A_grpo + key)`: `[N, L]`, `[N, L]`, `[N]` -> `[N, L]` float32.
 
     The correct/wrong split is `correct > 0` when the grader's verdicts are given, else `rewards > 0`;
     the GRPO part (`advantages.rollout_advantages`, eps = `config.eps`) uses `rewards`.
