@@ -38,13 +38,15 @@ def read_rows(path: str | pathlib.Path, prompt_field: str, answer_field: str) ->
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        raw = [(f"{path}:row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+        raw = _parquet_rows(path)
     elif path.suffix in (".jsonl", ".json"):
         raw = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
+        with path.open("rb") as handle:  # decoded line by line: an undecodable line is named
+            for number, data in enumerate(handle, 1):
+                try:
+                    line = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{number}: not UTF-8 text") from None
                 if not line.strip():
                     continue
                 try:
@@ -54,19 +56,45 @@ def read_rows(path: str | pathlib.Path, prompt_field: str, answer_field: str) ->
                 raw.append((f"{path}:{number}", row))
     else:
         raise DataError(f"{path}: unsupported data file type {path.suffix!r} (use .jsonl or .parquet)")
-    rows = []
-    for where, row in raw:
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
-        for field in (prompt_field, answer_field):
-            if field not in row or row[field] is None:
-                raise DataError(f"{where}: missing field {field!r} (has: {', '.join(map(str, row))})")
-        if not isinstance(row[prompt_field], str) or not row[prompt_field].strip():
-            raise DataError(f"{where}: field {prompt_field!r} must be a non-empty string")
-        rows.append({"problem": row[prompt_field], "answer": row[answer_field], "source": where})
+    rows = [_checked_row(where, row, prompt_field, answer_field) for where, row in raw]
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def _parquet_rows(path: pathlib.Path) -> list[tuple[str, Any]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0][:200]})") from None
+    return [(f"{path}:row {i + 1}", row) for i, row in enumerate(table.to_pylist())]
+
+
+def _checked_row(where: str, row: Any, prompt_field: str, answer_field: str) -> dict[str, Any]:
+    """One row as the trainer keeps it, or DataError naming the row: every row is checked when the
+    file is read, so a bad one stops the run before any work, not at the step that meets it."""
+    from ktae_jax.rewards.equivalence import reference_candidates
+
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
+    for field in (prompt_field, answer_field):
+        if field not in row or row[field] is None:
+            raise DataError(f"{where}: missing field {field!r} (has: {', '.join(map(str, row))})")
+    if not isinstance(row[prompt_field], str) or not row[prompt_field].strip():
+        raise DataError(f"{where}: field {prompt_field!r} must be a non-empty string")
+    answer = row[answer_field]
+    try:
+        candidates = reference_candidates(answer)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{where}: field {answer_field!r}: {err}") from None
+    if not [c for c in candidates if c.strip()]:
+        raise DataError(f"{where}: field {answer_field!r} is empty ({answer!r}): no response could ever match it")
+    if any(c.strip().lower() in ("nan", "inf", "-inf") for c in candidates) and not isinstance(answer, str):
+        raise DataError(f"{where}: field {answer_field!r} is not a finite number ({answer!r})")
+    return {"problem": row[prompt_field], "answer": answer, "source": where}
 
 
 def format_prompt(problem: str, tokenizer: Any, cfg: DataSection) -> str:
@@ -85,6 +113,10 @@ class PromptStats:
     rows: int = 0  # rows read
     filtered: int = 0  # dropped as too long
     truncated: int = 0  # left-truncated to max_prompt_len
+
+    def summary(self, max_prompt_len: int) -> str:
+        return (f"data: {self.rows} rows, {self.rows - self.filtered} usable prompts; {self.filtered} filtered and "
+                f"{self.truncated} truncated as longer than data.max_prompt_len={max_prompt_len}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,36 +173,60 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tu
 
 
 class PromptData:
-    """An endless (or `num_epochs`-long) stream of prompt batches with a checkpointable position."""
+    """An endless (or `num_epochs`-long) stream of prompt batches with a checkpointable position.
+
+    The position counts prompts, not batches, so a resumed run continues at the same prompt even
+    when `rollout.prompts_per_step` changed: batch k of P prompts is items [n, n + P) of the
+    shuffled, repeated stream, where n prompts have been handed out before it.
+    """
 
     def __init__(self, rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: DataSection, batch_prompts: int,
                  pad_id: int | None = None):
         self.cfg = cfg
+        self.batch_prompts = batch_prompts
         self.examples, self.stats = tokenize_prompts(rows, tokenizer, cfg)
         if len(self.examples) < batch_prompts:
-            raise DataError(f"only {len(self.examples)} usable prompts, fewer than one batch of {batch_prompts}")
+            raise DataError(f"only {len(self.examples)} usable prompts ({self.stats.filtered} of {self.stats.rows} "
+                            f"filtered as longer than data.max_prompt_len={cfg.max_prompt_len}), fewer than one "
+                            f"step's rollout.prompts_per_step={batch_prompts}")
         self.pad_id = pad_token_id(tokenizer) if pad_id is None else pad_id
         epochs = None if cfg.num_epochs < 0 else cfg.num_epochs
-        dataset = grain.MapDataset.source(self.examples).shuffle(seed=cfg.shuffle_seed).repeat(epochs)
-        self._dataset = dataset.batch(batch_prompts, drop_remainder=True, batch_fn=list)
-        self._iterator = iter(self._dataset)
+        self._stream = grain.MapDataset.source(self.examples).shuffle(seed=cfg.shuffle_seed).repeat(epochs)
+        self._total = None if epochs is None else len(self.examples) * epochs
+        self.position = 0  # prompts handed out so far
 
     def __next__(self) -> PromptBatch:
-        try:
-            examples = next(self._iterator)
-        except StopIteration:
-            raise StopIteration(f"data exhausted after data.num_epochs={self.cfg.num_epochs}") from None
+        start, stop = self.position, self.position + self.batch_prompts
+        if self._total is not None and stop > self._total:
+            raise StopIteration(f"data exhausted after data.num_epochs={self.cfg.num_epochs}")
+        examples = [self._stream[i] for i in range(start, stop)]
+        self.position = stop
         ids, mask = left_pad([e["ids"] for e in examples], self.cfg.max_prompt_len, self.pad_id)
         return PromptBatch(ids, mask, [e["answer"] for e in examples], [e["problem"] for e in examples])
 
     def __iter__(self):
         return self
 
-    def get_state(self) -> dict[str, Any]:
-        return dict(self._iterator.get_state())
+    def steps_left(self) -> int | None:
+        """Whole batches left before the data is exhausted (None: endless)."""
+        return None if self._total is None else (self._total - self.position) // self.batch_prompts
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._iterator.set_state(state)
+    def metrics(self) -> dict[str, int]:
+        return {"data/prompts_used": self.position, "data/prompts_usable": len(self.examples),
+                "data/prompts_filtered": self.stats.filtered, "data/prompts_truncated": self.stats.truncated}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"prompts": self.position, "usable_prompts": len(self.examples)}
+
+    def set_state(self, state: dict[str, Any], *, saved_batch_prompts: int | None = None) -> None:
+        """`state` from `get_state`, or grain's {"next_index": batches} of older checkpoints (batches of
+        `saved_batch_prompts`, the checkpoint's rollout.prompts_per_step)."""
+        if "prompts" in state:
+            self.position = int(state["prompts"])
+        elif "next_index" in state:
+            self.position = int(state["next_index"]) * (saved_batch_prompts or self.batch_prompts)
+        else:
+            raise DataError(f"unrecognised data position in the checkpoint: {state}")
 
 
 def load_rows(cfg: DataSection) -> list[dict[str, Any]]:

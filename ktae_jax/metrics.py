@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import pathlib
 import time
 from collections.abc import Iterator
@@ -37,6 +38,10 @@ class StageTimer:
             self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
 
 
+class MetricsError(RuntimeError):
+    """metrics.jsonl cannot be resumed; the message names the file and line."""
+
+
 class MetricsLogger:
     def __init__(self, run_dir: pathlib.Path, *, total_steps: int, start_step: int, tensorboard: bool,
                  wandb: bool, progress: bool, config: dict[str, Any]):
@@ -61,12 +66,38 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run rewrites the steps after its checkpoint: drop their old lines."""
+        """A resumed run rewrites the steps after its checkpoint: drop their old lines. A last line cut
+        short by a crash is dropped with a warning; the file is replaced atomically (written aside,
+        then renamed), so a crash here loses nothing."""
         if not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        text = self.path.read_text()
+        lines = text.splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines) and not text.endswith("\n"):
+                    print(f"warning: {self.path}:{number}: dropping a partial last line (the previous run stopped "
+                          f"while writing it)")
+                    continue
+                raise MetricsError(f"{self.path}:{number}: not valid JSON; fix or remove that line to resume") from None
+            if not isinstance(record, dict):
+                raise MetricsError(f"{self.path}:{number}: expected an object, got {type(record).__name__}")
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        new_text = "".join(line + "\n" for line in kept)
+        if new_text == text:
+            return
+        aside = self.path.with_name(self.path.name + ".tmp")
+        with aside.open("w") as handle:
+            handle.write(new_text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(aside, self.path)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -61,7 +61,13 @@ def load_policy(path: str | pathlib.Path, *, dtype: Any = "float32", compute_dty
         if mesh is not None:
             mesh_lib.shard_model(model, mesh)
     else:
-        model, tokenizer = load_pretrained(folder, dtype=dtype, compute_dtype=compute, mesh=mesh)
+        try:
+            model, tokenizer = load_pretrained(folder, dtype=dtype, compute_dtype=compute, mesh=mesh)
+        except CheckpointError:
+            raise
+        except (ValueError, OSError, OverflowError, MemoryError) as err:  # a truncated or foreign weights file
+            raise CheckpointError(f"{folder}: cannot load the model (a damaged or foreign weights file?): "
+                                  f"{type(err).__name__} {err}") from None
     if tokenizer is None:
         raise CheckpointError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json) in the "
                               "model folder")

@@ -27,13 +27,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import nnx
 
 from ktae_jax import mesh as mesh_lib
+from ktae_jax import rundir
 from ktae_jax.advantages import token_advantages
 from ktae_jax.checkpoint import Checkpointer
-from ktae_jax.config import TrainConfig
+from ktae_jax.config import ConfigError, TrainConfig
 from ktae_jax.data import PromptData, load_rows
 from ktae_jax.ktae import strongest_key_tokens
 from ktae_jax.metrics import MetricsLogger, StageTimer
@@ -46,7 +46,7 @@ from ktae_jax.step import (TrainState, UpdateBatch, UpdateSettings, init_optimiz
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (a NaN loss); the message says why."""
+    """The run cannot go on (a NaN loss, too little data); the message says why."""
 
 
 class Trainer:
@@ -54,14 +54,16 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, devices=None):
         self.cfg = cfg
-        self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+        try:
+            self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+        except ValueError as err:  # e.g. more mesh devices asked for than there are
+            raise ConfigError(str(err)) from None
         self.batch_devices = mesh_lib.batch_devices(self.mesh)
         cfg.validate(num_batch_devices=self.batch_devices)
         self.run_dir = pathlib.Path(cfg.run.run_dir)
         self.is_main = jax.process_index() == 0
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.resumed_config: dict[str, Any] = {}  # the config saved with the checkpoint resumed from
+        self._resumed_data: dict[str, Any] = {}
 
         policy = load_policy(cfg.model.path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
                              mesh=self.mesh, init=cfg.model.init, seed=cfg.run.seed)
@@ -76,7 +78,12 @@ class Trainer:
 
         self.data = PromptData(load_rows(cfg.data), self.tokenizer, cfg.data, cfg.rollout.prompts_per_step,
                                pad_id=self.pad_id)
-        self.pool = GraderPool(cfg.reward.num_workers or None, cfg.reward.timeout_s)
+        if self.is_main:
+            print(self.data.stats.summary(cfg.data.max_prompt_len))
+        try:
+            self.pool = GraderPool(cfg.reward.num_workers or None, cfg.reward.timeout_s)
+        except ValueError as err:
+            raise ConfigError(f"reward.num_workers / reward.timeout_s: {err}") from None
         self.rollouts = RolloutCollector(cfg, self.graphdef, policy, self.mesh, self.data, self.pool)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
         self._compile()
@@ -212,13 +219,15 @@ class Trainer:
         self.checkpointer.save(step, self.state, self.data.get_state(), self.cfg.to_dict())
 
     def restore_latest(self) -> int:
-        latest = self.checkpointer.latest_step()
-        if latest is None:
-            return 0
+        """The newest readable checkpoint's step (0: none); damaged newer ones are reported and skipped."""
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-        self.state, data_state, _ = self.checkpointer.restore(latest, abstract)
-        self.data.set_state(data_state)
-        return latest
+        found = self.checkpointer.restore_latest(abstract, warn=print if self.is_main else lambda _: None)
+        if found is None:
+            return 0
+        step, self.state, self._resumed_data, self.resumed_config = found
+        saved_prompts = self.resumed_config.get("rollout", {}).get("prompts_per_step")
+        self.data.set_state(self._resumed_data, saved_batch_prompts=saved_prompts)
+        return step
 
     def export(self) -> pathlib.Path:
         """The policy in Hugging Face format at run_dir/hf: gathered by every process, written by process 0."""
@@ -228,8 +237,10 @@ class Trainer:
         return self.run_dir / "hf"
 
     def close(self) -> None:
-        self.checkpointer.close()
-        self.pool.close()
+        try:
+            self.checkpointer.close()
+        finally:
+            self.pool.close()
 
     def validate(self, step: int) -> dict[str, float]:
         """Greedy evaluation on run.eval_file (per-item records under run_dir/eval/step_N)."""
@@ -259,12 +270,63 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def run(cfg: TrainConfig, *, max_steps: int | None = None, devices=None) -> dict[str, Any]:
+class Preempted(TrainingError):
+    """Stopped early by SIGTERM after saving a checkpoint: rerunning the same command resumes
+    (`ktae-train` exits with `cli.train.EXIT_PREEMPTED`)."""
+
+
+def run(cfg: TrainConfig, *, max_steps: int | None = None, devices=None,
+        allow_config_change: bool = False) -> dict[str, Any]:
     """Train until `run.max_steps` (or `max_steps`, if given: stop early, e.g. to test resume):
-    `Trainer.step` (steps 1-6), then 7. LOG / SAVE."""
-    trainer = Trainer(cfg, devices)
+    `Trainer.step` (steps 1-6), then 7. LOG / SAVE.
+
+    Holds the run directory's lock throughout (a second trainer there is refused). On resume, a
+    config that differs from the checkpoint's in a way that changes what the run computes is
+    refused unless `allow_config_change`. Raises `Preempted` after saving on SIGTERM.
+    """
+    if cfg.run.eval_every:  # checked now, not at the first evaluation
+        from ktae_jax.data import read_rows
+
+        read_rows(cfg.run.eval_file, cfg.data.prompt_field, cfg.data.answer_field)
+    lock = rundir.RunDirLock(cfg.run.run_dir, jax.process_index())
+    try:
+        trainer = Trainer(cfg, devices)
+        try:
+            return _run(trainer, max_steps, allow_config_change)
+        finally:
+            trainer.close()
+    finally:
+        lock.release()
+
+
+def _resume(trainer: Trainer, stop_at: int, allow_config_change: bool) -> int:
+    """Restores the newest checkpoint, checks the config against its own, records the config."""
+    cfg = trainer.cfg
     start = trainer.restore_latest()
+    lines = []
+    if start:
+        changes = rundir.config_changes(trainer.resumed_config, cfg.to_dict(), TrainConfig().to_dict())
+        saved_usable = trainer._resumed_data.get("usable_prompts")
+        if saved_usable is not None and saved_usable != len(trainer.data.examples):
+            changes["data (usable prompts)"] = (saved_usable, len(trainer.data.examples))
+        lines = rundir.check_resume(changes, step=start, checkpoint=trainer.checkpointer.directory / str(start),
+                                    allow=allow_config_change)
+    left = trainer.data.steps_left()
+    if left is not None and left < stop_at - start:
+        raise TrainingError(f"data.num_epochs={cfg.data.num_epochs} leaves {left} steps of "
+                            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} prompts after step {start}, "
+                            f"fewer than the {stop_at - start} asked for (run.max_steps={cfg.run.max_steps})")
+    if trainer.is_main:
+        for line in lines:
+            print(line)
+        rundir.record_config(trainer.run_dir, cfg.to_dict(), start_step=start)
+    return start
+
+
+def _run(trainer: Trainer, max_steps: int | None, allow_config_change: bool) -> dict[str, Any]:
+    cfg = trainer.cfg
     stop_at = min(cfg.run.max_steps, max_steps) if max_steps is not None else cfg.run.max_steps
+    start = _resume(trainer, stop_at, allow_config_change)
     if trainer.is_main:
         print(trainer.memory_report())
         if start:
@@ -285,18 +347,21 @@ def run(cfg: TrainConfig, *, max_steps: int | None = None, devices=None) -> dict
                                     f"{trainer.checkpointer.latest_step()})")
             if cfg.run.eval_every and step % cfg.run.eval_every == 0:
                 metrics.update(trainer.validate(step))
+            metrics.update(trainer.data.metrics())
             logger.log(step, metrics)
             last = metrics
+            trainer.checkpointer.check()  # a failed background save stops the run now
             if step % cfg.run.checkpoint_every == 0 or step == stop_at or preemption.requested:
                 trainer.save(step)
             if preemption.requested:
-                print(f"SIGTERM: checkpoint saved at step {step}; stopping")
                 break
         trainer.checkpointer.wait()
+        if preemption.requested:
+            print(f"SIGTERM: checkpoint saved at step {step}; stopping")
+            raise Preempted(f"stopped by SIGTERM after step {step} (checkpoint saved); rerun the same command to resume")
         if cfg.run.export_hf and step >= cfg.run.max_steps:
             trainer.export()
     finally:
         preemption.restore()
         logger.close()
-        trainer.close()
     return last

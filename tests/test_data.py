@@ -1,5 +1,6 @@
 """Prompt data: reading JSONL / Parquet, errors naming file and line, templates, length policy, order."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -31,6 +32,14 @@ def test_reads_jsonl_and_parquet(tmp_path, shared_dir):
     ('{"problem": "x", "answer": "1"}\n{"question": "y", "answer": 2}', r"bad.jsonl:2: missing field 'problem'"),
     ('{"problem": "", "answer": "1"}', r"bad.jsonl:1: field 'problem' must be a non-empty string"),
     ('[1, 2]', r"bad.jsonl:1: a row must be an object"),
+    # Answers are checked when the file is read, not at the step that meets them:
+    ('{"problem": "x", "answer": "1"}\n{"problem": "y", "answer": ""}', r"bad.jsonl:2: field 'answer' is empty"),
+    ('{"problem": "x", "answer": "  "}', r"bad.jsonl:1: field 'answer' is empty"),
+    ('{"problem": "x", "answer": []}', r"bad.jsonl:1: field 'answer' is empty"),
+    ('{"problem": "x", "answer": {"value": 3}}', r"bad.jsonl:1: field 'answer': .*got dict"),
+    ('{"problem": "x", "answer": [1, {"a": 2}]}', r"bad.jsonl:1: field 'answer': .*got dict"),
+    ('{"problem": "x", "answer": true}', r"bad.jsonl:1: field 'answer': .*bool"),
+    ('{"problem": "x", "answer": NaN}', r"bad.jsonl:1: field 'answer' is not a finite number"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, bad, message):
     (tmp_path / "bad.jsonl").write_text(bad + "\n")
@@ -95,3 +104,53 @@ def test_trimming_keeps_every_real_token():
     for row in range(3):
         assert trimmed.ids[row][trimmed.mask[row] > 0].tolist() == ids[row][mask[row] > 0].tolist()
     assert trimmed.answers == batch.answers and batch.ids.shape == (3, 40)
+
+
+def test_good_answers_of_every_stored_kind_load(tmp_path):
+    rows = read_rows(_write_jsonl(tmp_path / "ok.jsonl", [
+        {"problem": "a", "answer": "12"}, {"problem": "b", "answer": 3}, {"problem": "c", "answer": 2.5},
+        {"problem": "d", "answer": ["1", "one"]}, {"problem": "e", "answer": "['1', '2']"}]), "problem", "answer")
+    assert [r["answer"] for r in rows] == ["12", 3, 2.5, ["1", "one"], "['1', '2']"]
+
+
+def test_undecodable_and_foreign_files_are_one_line_errors(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"problem": "x", "answer": "1"}\n{"problem": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8"):
+        read_rows(tmp_path / "latin1.jsonl", "problem", "answer")
+    (tmp_path / "fake.parquet").write_text('{"problem": "x", "answer": "1"}\n')
+    with pytest.raises(DataError, match=r"fake.parquet: not a readable Parquet file"):
+        read_rows(tmp_path / "fake.parquet", "problem", "answer")
+
+
+def test_filtered_prompts_are_counted_and_too_few_is_an_error():
+    tok = make_tokenizer()
+    rows = [{"problem": " ".join(["1"] * n) + "?", "answer": "1", "source": f"t:{n}"} for n in range(1, 13)]
+    cfg = DataSection(template="plain", max_prompt_len=12)
+    data = PromptData(rows, tok, cfg, batch_prompts=2)
+    usable = len(data.examples)
+    assert data.stats.filtered == 12 - usable > 0
+    assert f"{usable} usable prompts; {12 - usable} filtered" in data.stats.summary(12)
+    assert data.metrics()["data/prompts_filtered"] == 12 - usable
+    with pytest.raises(DataError, match=rf"only {usable} usable prompts .*fewer than one step's rollout.prompts_per_step={usable + 1}"):
+        PromptData(rows, tok, cfg, batch_prompts=usable + 1)
+
+
+def test_position_counts_prompts_so_a_batch_size_change_continues_in_place():
+    tok = make_tokenizer()
+    rows = [{"problem": f"{n}+1?", "answer": str(n + 1), "source": f"t:{n}"} for n in range(10)]
+    cfg = DataSection(template="plain", max_prompt_len=8)
+    one = PromptData(rows, tok, cfg, batch_prompts=1)
+    stream = [next(one).problems[0] for _ in range(30)]  # three epochs, one prompt at a time
+    big = PromptData(rows, tok, cfg, batch_prompts=4)
+    assert next(big).problems + next(big).problems == stream[:8]
+    small = PromptData(rows, tok, cfg, batch_prompts=3)
+    small.set_state(big.get_state())  # 4 -> 3 prompts per step: continues at prompt 8
+    assert [p for _ in range(4) for p in next(small).problems] == stream[8:20]
+    old = PromptData(rows, tok, cfg, batch_prompts=3)
+    old.set_state({"next_index": 2}, saved_batch_prompts=4)  # grain's batch count in older checkpoints
+    assert next(old).problems == stream[8:11]
+    finite = PromptData(rows, tok, dataclasses.replace(cfg, num_epochs=1), batch_prompts=4)
+    assert finite.steps_left() == 2
+    next(finite), next(finite)
+    with pytest.raises(StopIteration):
+        next(finite)

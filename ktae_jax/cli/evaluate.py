@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             protocol=Protocol(max_new_tokens=args.max_new_tokens), label=policy.folder.name,
             progress=not args.no_progress, grade_workers=args.workers or None, grade_timeout_s=args.grade_timeout,
         )
-    except (EvalError, CheckpointError, ValueError) as err:
+    except (EvalError, CheckpointError, ValueError, OSError, OverflowError, MemoryError) as err:  # OSError: e.g. an unwritable --out
         print(f"ktae-eval: {err}", file=sys.stderr)
         return 1
     if summary is not None:

@@ -5,7 +5,9 @@
 
 The prompt is tokenised without added special tokens; `--chat` applies the checkpoint's chat
 template (with the generation prompt), whose own special tokens are kept. `--json` prints one
-object a line: {"prompt", "sample", "text", "token_ids", "length", "finished"}.
+object a line: {"prompt", "sample", "text", "token_ids", "length", "finished"}. `--checkpoint tiny`
+is the shipped tiny base model. Errors (a missing or damaged checkpoint folder, impossible settings)
+print one line and exit 1 (2 for a bad command line).
 """
 
 from __future__ import annotations
@@ -42,31 +44,57 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _Error(Exception):
+    pass
+
+
 def _encode(tokenizer, text: str, chat: bool) -> list[int]:
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise SystemExit("error: --chat given but the checkpoint's tokenizer has no chat template")
+            raise _Error("--chat given but the checkpoint's tokenizer has no chat template")
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise SystemExit(f"error: the prompt {text!r} has no tokens")
+        raise _Error(f"the prompt {text!r} has no tokens")
     return list(ids)
 
 
+def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag, value, low in (("-n/--num-samples", args.num_samples, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--top-k", args.top_k, 0)):
+        if value < low:
+            ap.error(f"{flag}={value}: must be >= {low}")
+    if not args.greedy and not args.temperature > 0:
+        ap.error(f"--temperature={args.temperature}: must be > 0 (use --greedy for argmax decoding)")
+    if not 0 < args.top_p <= 1:
+        ap.error(f"--top-p={args.top_p}: must be in (0, 1]")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args = ap.parse_args(argv)
+    _check_args(ap, args)
     try:
-        policy = load_policy(args.checkpoint, dtype=args.dtype)
-    except CheckpointError as err:
-        raise SystemExit(f"error: {err}") from None
+        _generate(args)
+    except (_Error, CheckpointError) as err:
+        print(f"ktae-generate: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> None:
+    policy = load_policy(args.checkpoint, dtype=args.dtype)
     tokenizer = policy.tokenizer
     prompts = [_encode(tokenizer, p, args.chat) for p in args.prompt]
     ids, mask = left_pad(prompts, max(map(len, prompts)), policy.pad_id)
-    config = SamplingConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        greedy=args.greedy, eos_ids=policy.stop_ids, pad_id=policy.pad_id, num_samples=args.num_samples,
-    )
+    try:
+        config = SamplingConfig(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            greedy=args.greedy, eos_ids=policy.stop_ids, pad_id=policy.pad_id, num_samples=args.num_samples,
+        )
+    except ValueError as err:
+        raise _Error(str(err)) from None
     rollout = jax.device_get(sample(policy.model, ids, mask, jax.random.key(args.seed), config))
     for row in range(rollout.tokens.shape[0]):
         n = int(rollout.lengths[row])
@@ -81,7 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"=== prompt {prompt_index} sample {sample_index} ({n} tokens{', stopped' if finished else ''})")
             print(text)
     sys.stdout.flush()
-    return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     from ktae_jax.tiny.pretrain import PretrainConfig, apply_overrides, run
 
     overrides = list(args.overrides)
@@ -39,9 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"ktae-pretrain: error: {exc}", file=sys.stderr)
         return 2
-    folder, report = run(config, args.out, progress=not args.quiet)
+    try:
+        pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before training
+        folder, report = run(config, args.out, progress=not args.quiet)
+        (pathlib.Path(folder) / "pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    except (OSError, ValueError) as exc:
+        print(f"ktae-pretrain: error: {exc}", file=sys.stderr)
+        return 1
     summary = {k: v for k, v in report.items() if k != "losses"}
-    (pathlib.Path(folder) / "pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"saved {folder}")
     return 0

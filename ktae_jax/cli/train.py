@@ -1,9 +1,16 @@
 """`ktae-train --config FILE [--config FILE ...] [--run-dir DIR] [--max-steps N] [--dry-run]
-[--compile-only --target NAME [--json]] [key=value ...]`."""
+[--compile-only --target NAME [--json]] [key=value ...]`.
+
+`key=value` overrides may come before, between or after the flags. Exit status: 0 trained to
+`run.max_steps`; 1 an error (one line on stderr: bad data, model folder, checkpoint, a busy run
+directory...); 2 a bad config or command line; 143 (128 + SIGTERM) stopped by SIGTERM after
+saving a checkpoint (rerun the same command to resume).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ktae_jax.config import ConfigError, load_config
@@ -26,8 +33,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--coordinator", help="multi-host: coordinator host:port (auto-detected on TPU and SLURM)")
     parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     parser.add_argument("--process-id", type=int, help="multi-host: this process's id")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even though settings that change what the run computes differ from the "
+                             "checkpoint's (each change is printed and recorded in config_history.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. algo.kl_coef=0.001")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 143
 
 
 def main(argv=None) -> int:
@@ -41,7 +54,7 @@ def main(argv=None) -> int:
         config = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"ktae-train: config error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.compile_only or args.target or args.json:
         return _compile_only(config, args)
     if args.dry_run:
@@ -56,16 +69,28 @@ def main(argv=None) -> int:
     from ktae_jax import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from ktae_jax.checkpoint import CheckpointError
+    from ktae_jax.checkpoint import CheckpointError, CheckpointWriteError
     from ktae_jax.data import DataError
-    from ktae_jax.models import CheckpointError as ModelFolderError
-    from ktae_jax.train import TrainingError, run
+    from ktae_jax.metrics import MetricsError
+    from ktae_jax.rundir import RunDirError
+    from ktae_jax.train import Preempted, TrainingError, run
 
     try:
-        run(config)
-    except (TrainingError, DataError, CheckpointError, ModelFolderError, ConfigError) as err:
+        run(config, allow_config_change=args.allow_config_change)
+    except Preempted:
+        return EXIT_PREEMPTED
+    except CheckpointWriteError as err:
+        # orbax's writer threads may still be stuck on the failure: leave without waiting for them
         print(f"ktae-train: {err}", file=sys.stderr)
-        return 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_ERROR)
+    except ConfigError as err:
+        print(f"ktae-train: config error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (TrainingError, DataError, CheckpointError, RunDirError, MetricsError, OSError) as err:
+        print(f"ktae-train: {err}", file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 
