@@ -6,21 +6,26 @@ TESTDEPS := $(VENV)/.installed-test
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench lock clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 
+# Every install takes the exact versions of requirements.lock (a constraints file); a dependency
+# changed in pyproject.toml without regenerating the lock stops here with the command to run.
+LOCK := requirements.lock
+INSTALL = $(PY) tools/lock.py check && $(VENV)/bin/pip install --quiet --constraint $(LOCK)
+
 # The package and its runtime dependencies (the demo needs nothing more).
-$(RUNTIME): pyproject.toml | $(VENV)/bin/python
-	$(VENV)/bin/pip install --quiet -e .
+$(RUNTIME): pyproject.toml $(LOCK) | $(VENV)/bin/python
+	$(INSTALL) -e .
 	@touch $@
 
 # Plus the test extra (pytest, hypothesis, torch==2.13.0 CPU for the parity tests, libtpu and the CUDA
 # compiler for the compile-only tests, ...).
-$(TESTDEPS): pyproject.toml $(RUNTIME)
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+$(TESTDEPS): pyproject.toml $(LOCK) $(RUNTIME)
+	$(INSTALL) -e '.[test]'
 	@touch $@
 
 setup: $(TESTDEPS)
@@ -35,5 +40,10 @@ test: $(TESTDEPS)
 bench: $(TESTDEPS)
 	$(VENV)/bin/python benchmarks/bench_ktae.py
 
+# Regenerate requirements.lock after changing a dependency (pip-tools in a venv of its own).
+lock:
+	test -x .venv-lock/bin/pip-compile || { $(PY) -m venv .venv-lock && .venv-lock/bin/pip install --quiet pip-tools; }
+	.venv-lock/bin/python tools/lock.py write
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-lock
