@@ -25,7 +25,7 @@ from ktae_jax.config import TrainConfig
 from ktae_jax.data import DataError, PromptBatch, PromptData
 from ktae_jax.metrics import StageTimer
 from ktae_jax.policy import Policy
-from ktae_jax.rewards import GraderPool, compute_rewards
+from ktae_jax.rewards import GraderPool, reward_parts
 from ktae_jax.sample import sample_jit
 
 
@@ -38,8 +38,9 @@ class Rollouts:
     resp_NxR: np.ndarray
     resp_mask_NxR: np.ndarray
     sampler_logp_NxR: np.ndarray
-    rewards_N: np.ndarray
-    correct_N: np.ndarray
+    rewards_N: np.ndarray  # the final (shaped) reward: the rollout-level advantage's input
+    correct_N: np.ndarray  # the grader's verdict, 0/1
+    passed_N: np.ndarray  # base reward (before shaping) > 0: KTAE's correct side (= the verdict, built-in kinds)
     lengths_N: np.ndarray
     grade_metrics: dict[str, float]
 
@@ -130,9 +131,10 @@ class RolloutCollector:
         overlapped = while_grading(tokens_NxT, attn_NxT, logp_NxR) if while_grading is not None else None
         with timer("grade_wait"):
             graded = future.result()  # host sync: rewards are needed from here on
-        rewards = compute_rewards(graded.scores, lengths_N, self.reward_cfg, responses=texts, references=references)
-        rollouts = Rollouts(tokens_NxT, attn_NxT, resp_NxR, resp_mask_NxR, logp_NxR, np.asarray(rewards, np.float32),
-                            np.asarray(graded.scores, np.float32), lengths_N, graded.metrics())
+        base, rewards = reward_parts(graded.scores, lengths_N, self.reward_cfg, responses=texts, references=references)
+        rollouts = Rollouts(tokens_NxT, attn_NxT, resp_NxR, resp_mask_NxR, logp_NxR, rewards,
+                            np.asarray(graded.scores, np.float32), (base > 0).astype(np.float32), lengths_N,
+                            graded.metrics())
         return rollouts, overlapped
 
     # 4. FILTER (DAPO dynamic sampling)

@@ -162,10 +162,10 @@ class Trainer:
 
             # 5. ADVANTAGES
             with timer("advantages"):
-                # KTAE splits on the grader's verdict; the rollout advantage uses the shaped reward.
+                # KTAE splits on the unshaped base reward (the grader's verdict for the built-in reward
+                # kinds); the rollout advantage uses the shaped reward.
                 resp, resp_mask, rewards, correct = mesh_lib.place_batch(
-                    self.mesh, batch.resp_NxR, batch.resp_mask_NxR, batch.rewards_N,
-                    (batch.correct_N > 0).astype(np.float32))
+                    self.mesh, batch.resp_NxR, batch.resp_mask_NxR, batch.rewards_N, batch.passed_N)
                 adv, key = jax.block_until_ready(self._advantages(resp, resp_mask, rewards, correct, ktae=self.ktae))
 
             # 6. UPDATE

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ktae_jax.rewards import RewardConfig, compute_rewards, exact_match_reward, extract_boxed
+from ktae_jax.rewards import RewardConfig, compute_rewards, exact_match_reward, extract_boxed, reward_parts
 
 
 def length_bonus(responses, references, correct_N):
@@ -146,3 +146,26 @@ def test_exact_match_sharded_over_8_devices_equals_one_device():
     sharded = fn(*(jax.device_put(x, rows) for x in (tokens, mask, ref_tokens, ref_len)))
     np.testing.assert_array_equal(np.asarray(sharded), single)
     assert single.sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["correctness", "dapo"])
+def test_base_reward_is_the_verdict_whatever_the_shaping(kind):
+    # KTAE's split reads the base: a format bonus or an overlong penalty must not move a response across it.
+    correct = np.array([1, 0, 1, 0, 1, 0], np.float32)
+    lengths = np.array([10, 10, 98, 98, 50, 120])
+    texts = [r"\boxed{1}", r"\boxed{2}", "3", r"\boxed{4}", "5", r"\boxed{6}"]
+    config = RewardConfig(kind=kind, format_weight=0.5 if kind == "correctness" else 1.5, max_response_len=100,
+                          overlong_buffer=40, overlong_factor=1.0 if kind == "correctness" else 2.5)
+    base, final = reward_parts(correct, lengths, config, responses=texts)
+    np.testing.assert_array_equal(base > 0, correct > 0)
+    np.testing.assert_array_equal(final, compute_rewards(correct, lengths, config, responses=texts))
+    assert (final > 0).tolist() != (correct > 0).tolist()  # the shaping does cross zero on these rows
+
+
+def test_base_reward_of_a_custom_function_is_its_own_reward():
+    correct = np.array([1, 0, 0], np.float32)
+    texts = ["abc", "abcd", ""]
+    config = RewardConfig(custom_fn=f"{__name__}:length_bonus", format_weight=0.5)
+    base, final = reward_parts(correct, np.array([3, 4, 0]), config, responses=texts)
+    np.testing.assert_allclose(base, [1.03, 0.04, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(final, base)  # no box in any text

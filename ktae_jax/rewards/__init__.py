@@ -11,7 +11,7 @@ from ktae_jax.rewards.equivalence import (
     reference_candidates,
 )
 from ktae_jax.rewards.extract import extract_boxed
-from ktae_jax.rewards.functions import RewardConfig, compute_rewards, overlong_penalty
+from ktae_jax.rewards.functions import RewardConfig, compute_rewards, overlong_penalty, reward_parts
 from ktae_jax.rewards.pool import GradeResult, GraderPool, grade_batch, shared_pool
 
 
@@ -30,6 +30,7 @@ __all__ = [
     "RewardConfig",
     "answer_matches_any",
     "compute_rewards",
+    "reward_parts",
     "exact_match_reward",
     "extract_boxed",
     "grade_batch",

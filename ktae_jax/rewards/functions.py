@@ -87,6 +87,22 @@ def compute_rewards(
     references: Sequence[object] | None = None,
 ) -> np.ndarray:
     """Final float32 reward per response from correctness (0/1) and response lengths (tokens)."""
+    return reward_parts(correct_N, lengths_N, config, responses=responses, references=references)[1]
+
+
+def reward_parts(
+    correct_N: Sequence[float],
+    lengths_N: Sequence[int],
+    config: RewardConfig,
+    *,
+    responses: Sequence[str] | None = None,
+    references: Sequence[object] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(base reward, final reward), float32 each: the base before any shaping term, and the final.
+
+    KTAE's correct/wrong split reads the base (`base > 0`): for the built-in kinds that is the
+    grader's verdict exactly; with `custom_fn` it is the user's own reward, and in every case a
+    format bonus or an overlong penalty cannot move a response across the split."""
     correct_N = np.asarray(correct_N, dtype=np.float64)
     lengths_N = np.asarray(lengths_N)
     if correct_N.shape != lengths_N.shape or correct_N.ndim != 1:
@@ -118,4 +134,4 @@ def compute_rewards(
     if config.format_weight != 0.0:
         has_box_N = np.array([extract_boxed(r) is not None for r in responses], dtype=np.float64)
         reward_N = reward_N + config.format_weight * has_box_N
-    return reward_N.astype(np.float32)
+    return base_N.astype(np.float32), reward_N.astype(np.float32)
