@@ -38,6 +38,17 @@ class ModelSection:
     init: Literal["pretrained", "random"] = "pretrained"  # "random": the folder's architecture, random weights
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters and optimizer state
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations
+    attention: Literal["auto", "xla", "blockwise", "cudnn", "pallas"] = "auto"  # auto: TPU pallas, GPU cudnn, CPU xla (short rows) / blockwise
+    attention_block: int = 512  # keys per block of the blockwise attention
+    remat: Literal["none", "full", "dots"] = "none"  # what the backward keeps per layer (full: only its input)
+    scan_layers: bool = True  # the layer stack as one lax.scan (compile time flat in depth), else unrolled
+
+    def options(self, platform: str = "") -> "ModelOptions":
+        """How the model computes, for devices of `platform` ('' = JAX's default backend)."""
+        from ktae_jax.models.config import ModelOptions
+
+        return ModelOptions(attention=self.attention, attention_block=self.attention_block, remat=self.remat,
+                            scan_layers=self.scan_layers, platform=platform)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +157,7 @@ SECTIONS: dict[str, type] = {
 # The allowed values of every numeric field, checked at load (`TrainConfig.validate`): intervals
 # "[a, b)" / "(a, inf)", a single value, or alternatives joined by " or ".
 RANGES: dict[str, str] = {
+    "model.attention_block": "[1, inf)",
     "data.max_prompt_len": "[1, inf)", "data.shuffle_seed": "[0, inf)", "data.num_epochs": "-1 or [1, inf)",
     "data.tiny_train_size": "[1, inf)",
     "rollout.prompts_per_step": "[1, inf)", "rollout.group_size": "[1, inf)", "rollout.max_new_tokens": "[1, inf)",

@@ -34,6 +34,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "norm": None,
     "length": None,
+    "layers": None,  # the stacked layers' leading axis (models.transformer scans over it)
 }
 
 

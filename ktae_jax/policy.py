@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from ktae_jax import builtin
 from ktae_jax import mesh as mesh_lib
+from ktae_jax.models.config import ModelOptions
 from ktae_jax.models import (CheckpointError, ModelConfig, Transformer, eos_token_ids, init_random, load_pretrained,
                              load_tokenizer)
 
@@ -42,10 +43,11 @@ def pad_token_id(tokenizer: Any, stop_ids: Sequence[int] = ()) -> int:
 
 
 def load_policy(path: str | pathlib.Path, *, dtype: Any = "float32", compute_dtype: Any = None, mesh=None,
-                init: str = "pretrained", seed: int = 0) -> Policy:
+                init: str = "pretrained", seed: int = 0, options: ModelOptions = ModelOptions()) -> Policy:
     """The policy in `path` (a folder or a built-in name), placed on `mesh` when given.
 
     `init="random"`: the folder's architecture with random weights (`seed`), its tokenizer.
+    `options`: how the model computes (attention kernel, remat, scanned layers; `ModelOptions`).
     A folder without a tokenizer raises `models.CheckpointError` naming it.
     """
     folder = builtin.model_folder(path)
@@ -56,13 +58,14 @@ def load_policy(path: str | pathlib.Path, *, dtype: Any = "float32", compute_dty
         if not config_file.is_file():
             raise CheckpointError(f"{config_file}: no such file (model.init=random needs the architecture)")
         model = init_random(ModelConfig.from_hf(json.loads(config_file.read_text())), seed=seed, dtype=dtype,
-                            compute_dtype=compute)
+                            compute_dtype=compute, options=options)
         tokenizer = load_tokenizer(folder)
         if mesh is not None:
             mesh_lib.shard_model(model, mesh)
     else:
         try:
-            model, tokenizer = load_pretrained(folder, dtype=dtype, compute_dtype=compute, mesh=mesh)
+            model, tokenizer = load_pretrained(folder, dtype=dtype, compute_dtype=compute, mesh=mesh,
+                                               options=options)
         except CheckpointError:
             raise
         except (ValueError, OSError, OverflowError, MemoryError) as err:  # a truncated or foreign weights file

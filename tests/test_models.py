@@ -93,10 +93,10 @@ def test_eight_devices_match_one(tmp_path):
     single, _ = load_pretrained(folder)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     sharded, _ = load_pretrained(folder, mesh=mesh)
-    q = sharded.layers[0].attn.q[...]
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    q = sharded.layers.attn.q[...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)  # [L, E, H, D]
     # No device holds the whole tensor: each shard is a quarter of it.
-    assert {s.data.shape for s in q.addressable_shards} == {(32, 2, 16)}
+    assert {s.data.shape for s in q.addressable_shards} == {(2, 32, 2, 16)}
     graphdef, state = nnx.split(sharded)
 
     @jax.jit
@@ -171,7 +171,7 @@ def test_bfloat16_close_to_float32(tmp_path):
     ids, mask = left_padded_batch([6, 4], 96, seed=5)
     f32, _ = load_pretrained(folder)
     bf16, _ = load_pretrained(folder, dtype=jnp.bfloat16)
-    assert bf16.layers[0].mlp.up[...].dtype == jnp.bfloat16
+    assert bf16.layers.mlp.up[...].dtype == jnp.bfloat16
     real = mask.astype(bool)
     a, b = _ours(f32, ids, mask)[real], _ours(bf16, ids, mask)[real]
     assert np.abs(a - b).max() < 0.1 * np.abs(a).max()

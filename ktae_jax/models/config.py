@@ -18,8 +18,39 @@ SUPPORTED_FAMILIES = ("qwen2", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cudnn", "pallas")
+
+
 class ConfigError(ValueError):
     """A config.json we cannot represent; the message names the offending key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How the model computes (not what): results equal up to rounding for every choice.
+
+    attention: `auto` (by platform: TPU pallas, GPU cudnn, CPU xla for short rows else blockwise),
+    `xla` (scores materialised), `blockwise`, `cudnn`, `pallas`; see `models.attention`.
+    remat: what the backward pass keeps per layer: `none` (everything), `full` (only the layer's
+    input; all recomputed), `dots` (matmul outputs without batch dimensions: the projections).
+    scan_layers: the layer stack as one `lax.scan` (compile time independent of depth) or unrolled.
+    platform: the target for `auto` ('cpu', 'gpu', 'tpu'); "" = JAX's default backend when traced.
+    """
+
+    attention: str = "auto"
+    attention_block: int = 512  # keys per block of the blockwise implementation
+    remat: str = "none"
+    scan_layers: bool = True
+    platform: str = ""
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"model.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+        if self.attention_block < 1:
+            raise ConfigError(f"model.attention_block={self.attention_block}: must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from ktae_jax.mesh import variable_sharding
-from ktae_jax.models.config import ModelConfig
+from ktae_jax.models.config import ModelConfig, ModelOptions
 from ktae_jax.models.safetensors_io import read_safetensors, write_safetensors
 from ktae_jax.models.transformer import Transformer
 
@@ -32,42 +31,36 @@ class CheckpointError(ValueError):
     """A checkpoint folder we cannot load; the message names the file and tensor."""
 
 
-# One entry: (our path in the module tree, HF tensor name, layout kind).
-ParamEntry = tuple[tuple[str | int, ...], str, str]
+# One entry: (our path in the module tree, layer (None: not a per-layer weight), HF tensor name, layout kind).
+# Per-layer weights are stacked along a leading [L] axis on our side: slice `layer` of our variable.
+ParamEntry = tuple[tuple[str, ...], int | None, str, str]
 
 
 def _param_map(cfg: ModelConfig) -> list[ParamEntry]:
-    entries: list[ParamEntry] = [(("embed",), "model.embed_tokens.weight", "copy")]
+    entries: list[ParamEntry] = [(("embed",), None, "model.embed_tokens.weight", "copy")]
+    a, m = ("layers", "attn"), ("layers", "mlp")
+    per_layer = [
+        (("layers", "input_norm", "weight"), "input_layernorm.weight", "copy"),
+        (("layers", "post_attn_norm", "weight"), "post_attention_layernorm.weight", "copy"),
+        (a + ("q",), "self_attn.q_proj.weight", "heads_in"),
+        (a + ("k",), "self_attn.k_proj.weight", "heads_in"),
+        (a + ("v",), "self_attn.v_proj.weight", "heads_in"),
+        (a + ("o",), "self_attn.o_proj.weight", "heads_out"),
+        (m + ("gate",), "mlp.gate_proj.weight", "linear"),
+        (m + ("up",), "mlp.up_proj.weight", "linear"),
+        (m + ("down",), "mlp.down_proj.weight", "linear"),
+    ]
+    if cfg.qkv_bias:
+        per_layer += [(a + (f"{n}_bias",), f"self_attn.{n}_proj.bias", "heads_bias") for n in "qkv"]
+    if cfg.o_bias:
+        per_layer.append((a + ("o_bias",), "self_attn.o_proj.bias", "copy"))
+    if cfg.mlp_bias:
+        per_layer += [(m + (f"{n}_bias",), f"mlp.{n}_proj.bias", "copy") for n in ("gate", "up", "down")]
     for i in range(cfg.num_layers):
-        p, a, m = f"model.layers.{i}.", ("layers", i, "attn"), ("layers", i, "mlp")
-        entries += [
-            (("layers", i, "input_norm", "weight"), p + "input_layernorm.weight", "copy"),
-            (("layers", i, "post_attn_norm", "weight"), p + "post_attention_layernorm.weight", "copy"),
-            (a + ("q",), p + "self_attn.q_proj.weight", "heads_in"),
-            (a + ("k",), p + "self_attn.k_proj.weight", "heads_in"),
-            (a + ("v",), p + "self_attn.v_proj.weight", "heads_in"),
-            (a + ("o",), p + "self_attn.o_proj.weight", "heads_out"),
-            (m + ("gate",), p + "mlp.gate_proj.weight", "linear"),
-            (m + ("up",), p + "mlp.up_proj.weight", "linear"),
-            (m + ("down",), p + "mlp.down_proj.weight", "linear"),
-        ]
-        if cfg.qkv_bias:
-            entries += [
-                (a + ("q_bias",), p + "self_attn.q_proj.bias", "heads_bias"),
-                (a + ("k_bias",), p + "self_attn.k_proj.bias", "heads_bias"),
-                (a + ("v_bias",), p + "self_attn.v_proj.bias", "heads_bias"),
-            ]
-        if cfg.o_bias:
-            entries.append((a + ("o_bias",), p + "self_attn.o_proj.bias", "copy"))
-        if cfg.mlp_bias:
-            entries += [
-                (m + ("gate_bias",), p + "mlp.gate_proj.bias", "copy"),
-                (m + ("up_bias",), p + "mlp.up_proj.bias", "copy"),
-                (m + ("down_bias",), p + "mlp.down_proj.bias", "copy"),
-            ]
-    entries.append((("final_norm", "weight"), "model.norm.weight", "copy"))
+        entries += [(path, i, f"model.layers.{i}.{name}", kind) for path, name, kind in per_layer]
+    entries.append((("final_norm", "weight"), None, "model.norm.weight", "copy"))
     if not cfg.tie_word_embeddings:
-        entries.append((("lm_head",), "lm_head.weight", "copy"))
+        entries.append((("lm_head",), None, "lm_head.weight", "copy"))
     return entries
 
 
@@ -102,9 +95,9 @@ def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _get(module: Any, path: tuple[str | int, ...]) -> nnx.Variable:
+def _get(module: Any, path: tuple[str, ...]) -> nnx.Variable:
     for key in path:
-        module = module[key] if isinstance(key, int) else getattr(module, key)
+        module = getattr(module, key)
     return module
 
 
@@ -144,25 +137,31 @@ def _open_weights(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, np.ndar
     return tensors
 
 
-def _placer(mesh: jax.sharding.Mesh | None) -> Callable[[nnx.Variable, np.ndarray, jnp.dtype], jax.Array]:
-    def place(var: nnx.Variable, host: np.ndarray, dtype: jnp.dtype) -> jax.Array:
-        if mesh is None:
-            return jnp.asarray(np.asarray(host).astype(dtype))
-        # Each device receives only its own slice of the (memory-mapped) host tensor.
-        sharding = variable_sharding(var, mesh)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.asarray(host[idx]).astype(dtype))
+def _place(var: nnx.Variable, parts: list[np.ndarray] | np.ndarray, dtype: jnp.dtype,
+           mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """One variable's value from a host array, or from one host array per layer (stacked on axis 0)."""
+    shape = tuple(var.get_value().shape)
+    stacked = isinstance(parts, list)
 
-    return place
+    def block(idx: tuple[slice, ...]) -> np.ndarray:
+        if not stacked:
+            return np.asarray(parts[idx]).astype(dtype)
+        # Only the layers (and within them the slice) this device holds are read from the files.
+        return np.stack([np.asarray(p[idx[1:]]).astype(dtype) for p in parts[idx[0]]])
+
+    if mesh is None:
+        return jnp.asarray(block(tuple(slice(None) for _ in shape)))
+    return jax.make_array_from_callback(shape, variable_sharding(var, mesh), block)
 
 
 def load_pretrained(
     path: str | pathlib.Path, *, dtype=jnp.float32, compute_dtype=None,
-    mesh: jax.sharding.Mesh | None = None,
+    mesh: jax.sharding.Mesh | None = None, options: ModelOptions = ModelOptions(),
 ) -> tuple[Transformer, Any]:
     """(model, tokenizer or None) from a Hugging Face folder.
 
     `dtype` is the parameter dtype, `compute_dtype` the activations' (default: `dtype`). The model
-    is built abstractly (`nnx.eval_shape`) and each tensor is read from its memory-mapped file
+    is built abstractly (`nnx.eval_shape`; `options`: how it computes, see `ModelOptions`) and each tensor is read from its memory-mapped file
     straight into place; with `mesh`, every device receives only its shard (by the mesh rules).
     Missing, unexpected or mis-shaped tensors raise CheckpointError naming the tensor and file.
     """
@@ -179,20 +178,27 @@ def load_pretrained(
     tensors = _open_weights(folder)
 
     # Abstract model first: no random weights are ever materialised.
-    model = nnx.eval_shape(lambda: Transformer(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(0)))
-    place = _placer(mesh)
-    used = set()
-    for our_path, hf_name, kind in _param_map(config):
-        var = _get(model, our_path)
-        ours = tuple(var.get_value().shape)
+    model = nnx.eval_shape(lambda: Transformer(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(0),
+                                               options=options))
+    host: dict[tuple[str, ...], Any] = {}  # our path -> host array, or per-layer list of them
+    for our_path, layer, hf_name, kind in _param_map(config):
+        ours = tuple(_get(model, our_path).get_value().shape)
+        ours = ours if layer is None else ours[1:]
         if hf_name not in tensors:
             raise CheckpointError(f"{folder}: tensor {hf_name!r} is missing from the checkpoint")
         file, array = tensors[hf_name]
         want = _hf_shape(kind, ours)
         if tuple(array.shape) != want:
             raise CheckpointError(f"{file}: tensor {hf_name!r} has shape {tuple(array.shape)}, expected {want}")
-        var.set_value(place(var, _from_hf(kind, array, ours), jnp.dtype(dtype)))
-        used.add(hf_name)
+        value = _from_hf(kind, array, ours)
+        if layer is None:
+            host[our_path] = value
+        else:
+            host.setdefault(our_path, []).append(value)
+    for our_path, parts in host.items():
+        var = _get(model, our_path)
+        var.set_value(_place(var, parts, jnp.dtype(dtype), mesh))
+    used = {hf_name for _, _, hf_name, _ in _param_map(config)}
     unexpected = [
         n for n in tensors
         if n not in used and not n.endswith(_IGNORED_SUFFIXES)
@@ -243,8 +249,12 @@ def save_pretrained(
     shards: list[dict[str, np.ndarray]] = [{}]
     sizes = [0]
     param_dtype = None
-    for our_path, hf_name, kind in _param_map(config):
-        host = np.asarray(jax.device_get(_get(model, our_path)[...]))
+    values: dict[tuple[str, ...], np.ndarray] = {}  # one device-to-host copy per (stacked) variable
+    for our_path, layer, hf_name, kind in _param_map(config):
+        host = values.get(our_path)
+        if host is None:
+            host = values[our_path] = np.asarray(jax.device_get(_get(model, our_path)[...]))
+        host = host if layer is None else host[layer]
         param_dtype = param_dtype or host.dtype
         tensor = np.ascontiguousarray(_to_hf(kind, host))
         if sizes[-1] and sizes[-1] + tensor.nbytes > max_shard_bytes:

@@ -1,12 +1,16 @@
 """The Qwen2 / Llama decoder in Flax NNX, with a KV cache for decoding.
 
 Letters in names: B batch, T new tokens, S cache slots (keys), E hidden, H query heads,
-KV key/value heads, G = H / KV query heads per kv head, D head dim, F MLP width, V vocabulary.
+KV key/value heads, G = H / KV query heads per kv head, D head dim, F MLP width, V vocabulary,
+L layers.
 
 Left padding: `attention_mask` marks real tokens; rotary positions count real tokens only
 (`cumsum(mask) - 1`), and padded keys are never attended to. Each parameter stores its logical
-axis names as the `logical_axes` metadata, which `ktae_jax.mesh` maps onto devices. Weights are
-kept per layer (not stacked) and the cache is `[B, KV, S, D]`: both measured fastest on CPU XLA.
+axis names as the `logical_axes` metadata, which `ktae_jax.mesh` maps onto devices.
+
+The layers' weights are stacked ([L, ...], logical axis "layers") and the stack runs as one
+`lax.scan` (`ModelOptions.scan_layers`; unrolled otherwise), so compile time does not grow with
+depth; each layer's body is rematerialised by `ModelOptions.remat`. The cache is `[L, B, KV, S, D]`.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ktae_jax.models.config import ModelConfig
+from ktae_jax.models import attention as attn_lib
+from ktae_jax.models.config import ModelConfig, ModelOptions
 
 Array = jax.Array
 Constrain = Callable[[Array], Array]  # pins an activation whose first axis is (batch-major) rows to the batch sharding
-_MASKED = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax, not NaN
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def _unconstrained(x: Array) -> Array:
@@ -32,25 +37,31 @@ def _unconstrained(x: Array) -> Array:
 class KVCache(NamedTuple):
     """Keys/values of earlier tokens. `index` is the next slot to write (same for all rows)."""
 
-    k: tuple[Array, ...]  # per layer [B, KV, S, D]
-    v: tuple[Array, ...]  # per layer [B, KV, S, D]
+    k: Array  # [L, B, KV, S, D]
+    v: Array  # [L, B, KV, S, D]
     key_mask: Array  # [B, S] bool: the slot holds a real (non-pad) token
-    index: Array  # int32 scalar
+    index: Array  # int32 scalar (a NumPy one while known at trace time)
 
     def repeat_rows(self, k: int, constrain: Constrain = _unconstrained) -> "KVCache":
         """Each row k times, as rows i*k .. i*k+k-1: one prompt's prefill shared by k continuations."""
         rep = lambda x: constrain(jnp.repeat(x, k, axis=0))  # noqa: E731
-        return KVCache(tuple(map(rep, self.k)), tuple(map(rep, self.v)), rep(self.key_mask), self.index)
+        per_layer = lambda x: jax.vmap(rep)(x)  # noqa: E731  (rows are axis 1 of [L, B, ...])
+        return KVCache(per_layer(self.k), per_layer(self.v), rep(self.key_mask), self.index)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
     """An empty cache of `length` slots for `batch` rows."""
-    shape = (batch, config.num_kv_heads, length, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    return KVCache(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+    shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
+    zeros = jnp.zeros(shape, dtype)
+    # The index is a NumPy scalar: it stays known at trace time through the prefill, which the
+    # pallas kernel needs (its causal mask is static).
+    return KVCache(zeros, zeros, jnp.zeros((batch, length), bool), np.zeros((), np.int32))
 
 
-def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str | None, ...], dtype, init: str) -> nnx.Param:
+def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str | None, ...], dtype, init: str,
+           layers: int | None = None) -> nnx.Param:
+    if layers is not None:  # one slice per layer, stacked in front
+        shape, names = (layers,) + tuple(shape), ("layers",) + tuple(names)
     if init == "ones":
         value = jnp.ones(shape, dtype)
     elif init == "zeros":
@@ -61,8 +72,8 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str | Non
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, size: int, eps: float, *, param_dtype):
-        self.weight = _param(None, (size,), ("norm",), param_dtype, "ones")
+    def __init__(self, size: int, eps: float, *, param_dtype, layers: int | None = None):
+        self.weight = _param(None, (size,), ("norm",), param_dtype, "ones", layers)
         self.eps = eps
 
     def __call__(self, x: Array) -> Array:
@@ -81,23 +92,25 @@ def _rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs, layers: int | None = None):
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_kv, self.group, self.head_dim, self.dtype = kv, h // kv, d, dtype
-        self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), param_dtype, "normal")
-        self.k = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype, "normal")
-        self.v = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype, "normal")
-        self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), param_dtype, "normal")
-        bias = lambda shape, names, on: _param(None, shape, names, param_dtype, "zeros") if on else None  # noqa: E731
+        par = lambda shape, names, init="normal": _param(rngs, shape, names, param_dtype, init, layers)  # noqa: E731
+        self.q = par((e, h, d), ("embed", "heads", "head_dim"))
+        self.k = par((e, kv, d), ("embed", "kv_heads", "head_dim"))
+        self.v = par((e, kv, d), ("embed", "kv_heads", "head_dim"))
+        self.o = par((h, d, e), ("heads", "head_dim", "embed"))
+        bias = lambda shape, names, on: par(shape, names, "zeros") if on else None  # noqa: E731
         self.q_bias = bias((h, d), ("heads", "head_dim"), cfg.qkv_bias)
         self.k_bias = bias((kv, d), ("kv_heads", "head_dim"), cfg.qkv_bias)
         self.v_bias = bias((kv, d), ("kv_heads", "head_dim"), cfg.qkv_bias)
         self.o_bias = bias((e,), ("embed",), cfg.o_bias)
 
     def __call__(
-        self, x_BxTxE: Array, cos: Array, sin: Array, allowed_BxTxS: Array,
-        cache_kv: tuple[Array, Array] | None, index: Array | None, constrain: Constrain = _unconstrained,
+        self, x_BxTxE: Array, cos: Array, sin: Array, mask: attn_lib.Mask,
+        cache_kv: tuple[Array, Array] | None, options: ModelOptions, constrain: Constrain = _unconstrained,
     ) -> tuple[Array, tuple[Array, Array]]:
+        """(output [B, T, E], this call's new keys/values [B, KV, T, D]); `cache_kv` is this layer's cache."""
         b, t, e = x_BxTxE.shape
         kv, g, d, dt = self.num_kv, self.group, self.head_dim, self.dtype
         # Projections as 2-D matmuls on [B*T, E] (XLA on CPU: faster, and a faster weight gradient),
@@ -113,14 +126,17 @@ class Attention(nnx.Module):
             v = v + self.v_bias[...].astype(dt)[:, None, :]
         q = _rope(q, cos[:, None, None], sin[:, None, None])
         k = _rope(k, cos[:, None], sin[:, None])
+        keys, values = k, v
         if cache_kv is not None:
-            # Write the new keys in place at `index`; attend over every slot of the cache.
-            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, 0, index, 0))
-            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, 0, index, 0))
-        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
-        scores = jnp.where(allowed_BxTxS[:, None, None], scores * (d**-0.5), _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dt))
+            # The new keys written at `first_slot`; attend over every slot of the cache.
+            at = (0, 0, mask.first_slot, 0)
+            keys = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), at)
+            values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), at)
+        if cache_kv is not None and t == 1:
+            out = attn_lib.decode_attention(q, keys, values, mask)
+        else:
+            out = attn_lib.attend(q, keys, values, mask, options.attention, options.attention_block,
+                                  options.platform or None)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, kv * g * d)
         y = constrain(out @ self.o[...].astype(dt).reshape(kv * g * d, e)).reshape(b, t, e)
         if self.o_bias is not None:
@@ -129,16 +145,17 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs, layers: int | None = None):
         e, f = cfg.hidden_size, cfg.intermediate_size
         self.dtype = dtype
-        self.gate = _param(rngs, (e, f), ("embed", "mlp"), param_dtype, "normal")
-        self.up = _param(rngs, (e, f), ("embed", "mlp"), param_dtype, "normal")
-        self.down = _param(rngs, (f, e), ("mlp", "embed"), param_dtype, "normal")
+        par = lambda shape, names, init="normal": _param(rngs, shape, names, param_dtype, init, layers)  # noqa: E731
+        self.gate = par((e, f), ("embed", "mlp"))
+        self.up = par((e, f), ("embed", "mlp"))
+        self.down = par((f, e), ("mlp", "embed"))
         on = cfg.mlp_bias
-        self.gate_bias = _param(None, (f,), ("mlp",), param_dtype, "zeros") if on else None
-        self.up_bias = _param(None, (f,), ("mlp",), param_dtype, "zeros") if on else None
-        self.down_bias = _param(None, (e,), ("embed",), param_dtype, "zeros") if on else None
+        self.gate_bias = par((f,), ("mlp",), "zeros") if on else None
+        self.up_bias = par((f,), ("mlp",), "zeros") if on else None
+        self.down_bias = par((e,), ("embed",), "zeros") if on else None
 
     def __call__(self, x_BxTxE: Array, constrain: Constrain = _unconstrained) -> Array:
         dt = self.dtype
@@ -154,28 +171,67 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.attn = Attention(cfg, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.mlp = MLP(cfg, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+    """One decoder layer; built with `layers=L`, it holds all L layers' weights stacked."""
 
-    def __call__(self, x, cos, sin, allowed, cache_kv, index, constrain: Constrain = _unconstrained):
-        y, kv = self.attn(self.input_norm(x), cos, sin, allowed, cache_kv, index, constrain)
+    def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs, layers: int | None = None):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, layers=layers)
+        self.attn = Attention(cfg, param_dtype=param_dtype, dtype=dtype, rngs=rngs, layers=layers)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, layers=layers)
+        self.mlp = MLP(cfg, param_dtype=param_dtype, dtype=dtype, rngs=rngs, layers=layers)
+
+    def __call__(self, x, cos, sin, mask, cache_kv, options, constrain: Constrain = _unconstrained):
+        y, kv = self.attn(self.input_norm(x), cos, sin, mask, cache_kv, options, constrain)
         x = x + y
         return x + self.mlp(self.post_attn_norm(x), constrain), kv
+
+
+def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.Mask,
+                cache: KVCache | None, options: ModelOptions, constrain: Constrain) -> tuple[Array, KVCache | None]:
+    """The stacked layers over x [B, T, E]: a scan (or an unrolled loop) over the weights' first axis.
+
+    With a cache, each layer reads its slice [B, KV, S, D] and only the new T slots are written
+    back into the stacked [L, ...] arrays, which the loop carries (updated in place by XLA).
+    """
+    graphdef, params = nnx.split(layers)
+    num_layers = jax.tree.leaves(params)[0].shape[0]
+
+    def one_layer(x, layer_params, cache_kv):
+        return nnx.merge(graphdef, layer_params)(x, cos, sin, mask, cache_kv, options, constrain)
+
+    if options.remat != "none":
+        one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[options.remat], prevent_cse=not options.scan_layers)
+
+    def body(carry, xs):
+        x, ck, cv = carry
+        layer_params, i = xs
+        if ck is None:
+            return (one_layer(x, layer_params, None)[0], None, None), None
+        take = lambda c: jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False)  # noqa: E731
+        x, (k, v) = one_layer(x, layer_params, (take(ck), take(cv)))
+        put = lambda c, new: jax.lax.dynamic_update_slice(  # noqa: E731
+            c, new[None].astype(c.dtype), (i, 0, 0, mask.first_slot, 0))
+        return (x, put(ck, k), put(cv, v)), None
+
+    carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
+    xs = (params, jnp.arange(num_layers, dtype=jnp.int32))
+    if options.scan_layers:
+        carry, _ = jax.lax.scan(body, carry, xs)
+    else:
+        for i in range(num_layers):
+            carry, _ = body(carry, jax.tree.map(lambda a: a[i], xs))
+    x, ck, cv = carry
+    return x, None if cache is None else cache._replace(k=ck, v=cv)
 
 
 class Transformer(nnx.Module):
     """Decoder-only LM. `model(ids, attention_mask=mask)` -> float32 logits [B, T, V]."""
 
-    def __init__(self, config: ModelConfig, *, param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs,
+                 options: ModelOptions = ModelOptions()):
         dtype = param_dtype if dtype is None else dtype
-        self.config, self.dtype = config, dtype
+        self.config, self.dtype, self.options = config, dtype, options
         self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype, "normal")
-        self.layers = nnx.List(
-            Block(config, param_dtype=param_dtype, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)
-        )
+        self.layers = Block(config, param_dtype=param_dtype, dtype=dtype, rngs=rngs, layers=config.num_layers)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = (
             None if config.tie_word_embeddings
@@ -191,9 +247,9 @@ class Transformer(nnx.Module):
 
         `constrain` pins the activations to the batch sharding (see `response_logprobs`)."""
         b, t = input_ids_BxT.shape
-        mask = jnp.ones((b, t), bool) if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
+        mask = jnp.ones((b, t), bool) if attention_mask_BxT is None else jnp.asarray(attention_mask_BxT).astype(bool)
         if cache is None:
-            key_mask, first_slot, seen_BxT = mask, jnp.zeros((), jnp.int32), jnp.zeros((b, 1), jnp.int32)
+            key_mask, first_slot, seen_BxT = mask, np.int32(0), jnp.zeros((b, 1), jnp.int32)
         else:
             first_slot = cache.index
             key_mask = jax.lax.dynamic_update_slice(cache.key_mask, mask, (0, first_slot))
@@ -201,25 +257,19 @@ class Transformer(nnx.Module):
         if positions_BxT is None:
             positions_BxT = jnp.maximum(seen_BxT + jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)
         # A query in slot first_slot + t sees real keys in slots <= its own.
-        slots_S = jnp.arange(key_mask.shape[1])
-        query_slot_T = first_slot + jnp.arange(t)
-        allowed = key_mask[:, None, :] & (slots_S[None, None, :] <= query_slot_T[None, :, None])
+        attn_mask = attn_lib.Mask(key_mask, first_slot)
+        attn_mask = attn_mask._replace(dense=attn_mask.allowed(t))
 
         inv_freq = jnp.asarray(self.config.inv_freq(), jnp.float32)
         angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
         cos, sin = jnp.cos(angles), jnp.sin(angles)
 
         x = constrain(jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(self.dtype))
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = layer(x, cos, sin, allowed, layer_cache, first_slot, constrain)
-            new_k.append(k)
-            new_v.append(v)
+        x, new_cache = _run_layers(self.layers, x, cos, sin, attn_mask, cache, self.options, constrain)
         x = self.final_norm(x)
         if cache is None:
             return x, None
-        return x, KVCache(tuple(new_k), tuple(new_v), key_mask, first_slot + t)
+        return x, new_cache._replace(key_mask=key_mask, index=first_slot + t)
 
     def output_embedding(self) -> Array:
         """The [V, E] matrix that maps hidden states to logits (the input embedding when tied)."""
@@ -239,9 +289,10 @@ class Transformer(nnx.Module):
         return logits if cache is None else (logits, new_cache)
 
 
-def init_random(config: ModelConfig, *, seed: int = 0, dtype=jnp.float32, compute_dtype=None) -> Transformer:
+def init_random(config: ModelConfig, *, seed: int = 0, dtype=jnp.float32, compute_dtype=None,
+                options: ModelOptions = ModelOptions()) -> Transformer:
     """A randomly initialised model (normal(0.02) weights, unit norms, zero biases); no files."""
-    return Transformer(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(params=seed))
+    return Transformer(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(params=seed), options=options)
 
 
 def _chunk_logprobs(h_BxCxE: Array, w_VxE: Array, targets_BxC: Array, temperature: float,

@@ -1,0 +1,191 @@
+"""Attention over many queries (the update, the log-prob passes, the prefill), four ways, one contract.
+
+`attend(q, k, v, mask, impl)`: q [B, KV, G, T, D] (G query heads per key/value head), k/v
+[B, KV, S, D]; query t sits in cache slot `mask.first_slot + t` and sees key slot s when
+`mask.key_mask[b, s]` (a real token) and s <= its own slot (causal). Returns [B, KV, G, T, D].
+
+- `xla`: the scores [B, KV, G, T, S] made whole (the fastest for short rows on CPU; kept for the
+  backward pass, so O(T*S) memory per layer).
+- `blockwise`: pure JAX, keys in blocks with an online softmax, and a hand-written backward that
+  recomputes each block's probabilities from the saved row maxima and sums (flash attention's algorithm), so
+  neither pass keeps more than [T, block] scores. Any backend.
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only; the mask goes in as a
+  [B, 1, T, S] boolean built once per forward pass and shared by the layers.
+- `pallas`: the TPU splash-attention kernel (`jax.experimental.pallas.ops.tpu`); see `pallas_tpu.py`.
+
+Fully masked query rows (left padding) see a uniform softmax in `xla` and `blockwise` alike (finite
+mask value, no NaN); their outputs are never read by real tokens. `decode_attention` is the
+one-query step of the sampler, kept apart so that changes to it stay local.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+MASKED = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax, not NaN
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "pallas")
+# On CPU, `auto` keeps the materialised scores up to this many query x key pairs per head: measured
+# faster there (benchmarks/bench_attention.py) and small enough not to matter for memory.
+CPU_XLA_MAX_PAIRS = 1024 * 1024
+
+
+class Mask(NamedTuple):
+    """Which keys each query sees: real keys (`key_mask` [B, S]) in slots <= the query's own."""
+
+    key_mask: Array  # [B, S] bool
+    first_slot: Array | int  # slot of query 0; a NumPy int when known at trace time (the pallas kernel needs it)
+    dense: Array | None = None  # allowed(T) made once per forward pass, outside the layer loop
+
+    def allowed(self, t: int) -> Array:
+        """[B, T, S] bool: may query t see key slot s."""
+        if self.dense is not None and self.dense.shape[1] == t:
+            return self.dense
+        key_mask = self.key_mask
+        slots = jnp.arange(key_mask.shape[1])
+        query_slot = jnp.arange(t) + self.first_slot  # (a NumPy scalar on the left would not take a tracer)
+        return key_mask[:, None, slots] & (slots[None, None, :] <= query_slot[None, :, None])
+
+
+def resolve(impl: str, platform: str, t: int = 0, s: int = 0) -> str:
+    """The implementation `auto` stands for on `platform` ('cpu', 'gpu'/'cuda', 'tpu') at [T, S]."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention={impl!r}: expected one of {IMPLEMENTATIONS}")
+    if impl != "auto":
+        return impl
+    if platform == "tpu":
+        return "pallas"
+    if platform in ("gpu", "cuda"):
+        return "cudnn"
+    return "xla" if t * s <= CPU_XLA_MAX_PAIRS else "blockwise"
+
+
+def attend(q: Array, k: Array, v: Array, mask: Mask, impl: str = "xla", block: int = 512,
+           platform: str | None = None) -> Array:
+    """Causal attention of T queries over S keys; see the module docstring."""
+    t, s = q.shape[3], k.shape[2]
+    impl = resolve(impl, platform or jax.default_backend(), t, s)
+    if impl == "xla":
+        return materialised(q, k, v, mask.allowed(t))
+    if impl == "blockwise":
+        return blockwise(q, k, v, mask.key_mask, jnp.arange(t, dtype=jnp.int32) + mask.first_slot, block)
+    if impl == "cudnn":
+        return _cudnn(q, k, v, mask)
+    from ktae_jax.models.pallas_tpu import splash
+
+    return splash(q, k, v, mask)
+
+
+def materialised(q: Array, k: Array, v: Array, allowed_BxTxS: Array) -> Array:
+    """The reference: softmax of the whole [T, S] score matrix per head."""
+    dt, d = q.dtype, q.shape[-1]
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
+    scores = jnp.where(allowed_BxTxS[:, None, None], scores * (d**-0.5), MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dt))
+
+
+def decode_attention(q: Array, k: Array, v: Array, mask: Mask) -> Array:
+    """One new query per row (the sampler's decode step) over every slot of the cache."""
+    return materialised(q, k, v, mask.allowed(q.shape[3]))
+
+
+# ---------------------------------------------------------------------- blockwise (flash) attention
+def _blocks(k: Array, v: Array, key_mask: Array, block: int):
+    """Keys, values, key mask and slot numbers cut into [nb, ...] blocks (S padded with dead slots)."""
+    b, kv, s, d = k.shape
+    nb = -(-s // block)
+    pad = nb * block - s
+    k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, kv, nb, block, d).transpose(2, 0, 1, 3, 4)
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, kv, nb, block, d).transpose(2, 0, 1, 3, 4)
+    km = jnp.pad(key_mask, ((0, 0), (0, pad))).reshape(b, nb, block).transpose(1, 0, 2)
+    slots = jnp.arange(nb * block, dtype=jnp.int32).reshape(nb, block)
+    return k, v, km, slots, s
+
+
+def _block_scores(q, k_blk, km_blk, slots_blk, query_slot, s_real):
+    """Scaled, masked scores [B, KV, G, T, block] (float32) and the allowed pattern [B, 1, 1, T, block]."""
+    d = q.shape[-1]
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k_blk.astype(q.dtype), preferred_element_type=jnp.float32)
+    allowed = (km_blk[:, None, :] & (slots_blk[None, None, :] <= query_slot[None, :, None]))[:, None, None]
+    scores = jnp.where(allowed, scores * (d**-0.5), MASKED)
+    # Slots past the real S (block padding) do not exist: weight exactly 0 even in fully masked rows.
+    return jnp.where(slots_blk < s_real, scores, -jnp.inf), allowed
+
+
+def _forward(q, k, v, key_mask, query_slot, block):
+    kb, vb, kmb, slots, s_real = _blocks(k, v, key_mask, block)
+    b, kv, g, t, d = q.shape
+    init = (jnp.full((b, kv, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, kv, g, t), jnp.float32),
+            jnp.zeros((b, kv, g, t, d), jnp.float32))
+
+    def step(carry, blk):
+        m, l, acc = carry
+        k_blk, v_blk, km_blk, slots_blk = blk
+        scores, _ = _block_scores(q, k_blk, km_blk, slots_blk, query_slot, s_real)
+        m_new = jnp.maximum(m, scores.max(-1))  # finite after the first block: it holds a real slot
+        p = jnp.exp(scores - m_new[..., None])
+        alpha = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(q.dtype), v_blk.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
+        return (m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv), None
+
+    (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, kmb, slots))
+    # (m, l) rather than their log-sum-exp: in a fully masked row m = -1e30 absorbs log(l) in float32.
+    return (acc / l[..., None]).astype(q.dtype), (m, l)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def blockwise(q: Array, k: Array, v: Array, key_mask: Array, query_slot: Array, block: int = 512) -> Array:
+    """Flash attention in pure JAX: q [B, KV, G, T, D], k/v [B, KV, S, D], key_mask [B, S], query_slot [T]."""
+    return _forward(q, k, v, key_mask, query_slot, block)[0]
+
+
+def _blockwise_fwd(q, k, v, key_mask, query_slot, block):
+    out, stats = _forward(q, k, v, key_mask, query_slot, block)
+    return out, (q, k, v, key_mask, query_slot, out, stats)
+
+
+def _blockwise_bwd(block, res, d_out):
+    q, k, v, key_mask, query_slot, out, (m, l) = res
+    kb, vb, kmb, slots, s_real = _blocks(k, v, key_mask, block)
+    dt, d = q.dtype, q.shape[-1]
+    do = d_out.astype(jnp.float32)
+    delta = jnp.sum(do * out.astype(jnp.float32), axis=-1)  # [B, KV, G, T]: sum_s p * dp
+
+    def step(dq, blk):
+        k_blk, v_blk, km_blk, slots_blk = blk
+        scores, allowed = _block_scores(q, k_blk, km_blk, slots_blk, query_slot, s_real)
+        p = jnp.exp(scores - m[..., None]) / l[..., None]
+        dv = jnp.einsum("bkgts,bkgtd->bksd", p, do)
+        dp = jnp.einsum("bkgtd,bksd->bkgts", do, v_blk.astype(jnp.float32))
+        ds = jnp.where(allowed, p * (dp - delta[..., None]), 0.0) * (d**-0.5)  # masked scores are constants
+        dq = dq + jnp.einsum("bkgts,bksd->bkgtd", ds, k_blk.astype(jnp.float32))
+        dk = jnp.einsum("bkgts,bkgtd->bksd", ds, q.astype(jnp.float32))
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), (kb, vb, kmb, slots))
+    unblock = lambda x: x.transpose(1, 2, 0, 3, 4).reshape(k.shape[0], k.shape[1], -1, d)[:, :, :s_real]  # noqa: E731
+    zero_int = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
+    return (dq.astype(dt), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype),
+            zero_int(key_mask), zero_int(query_slot))
+
+
+blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+# ---------------------------------------------------------------------- cuDNN (GPU)
+def _cudnn(q: Array, k: Array, v: Array, mask: Mask) -> Array:
+    """cuDNN's fused attention; left padding and the cache offset go in as a boolean mask."""
+    b, kv, g, t, d = q.shape
+    q_bthd = q.reshape(b, kv * g, t, d).transpose(0, 2, 1, 3)
+    out = jax.nn.dot_product_attention(
+        q_bthd, k.transpose(0, 2, 1, 3).astype(q.dtype), v.transpose(0, 2, 1, 3).astype(q.dtype),
+        mask=mask.allowed(t)[:, None], implementation="cudnn",
+    )
+    return out.transpose(0, 2, 1, 3).reshape(b, kv, g, t, d)
