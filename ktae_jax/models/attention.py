@@ -52,16 +52,36 @@ class Mask(NamedTuple):
         return key_mask[:, None, slots] & (slots[None, None, :] <= query_slot[None, :, None])
 
 
-def resolve(impl: str, platform: str, t: int = 0, s: int = 0) -> str:
-    """The implementation `auto` stands for on `platform` ('cpu', 'gpu'/'cuda', 'tpu') at [T, S]."""
+@functools.lru_cache(maxsize=1)
+def cudnn_version() -> int | None:
+    """The cuDNN library's version, None when this machine has none (e.g. compiling for a GPU target
+    from a CPU host with only the CUDA plugin: `pip install 'jax[cuda12]'` brings cuDNN)."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+
+        return int(check_cudnn_version())
+    except (ImportError, RuntimeError):
+        return None
+
+
+def resolve(impl: str, platform: str, t: int = 0, s: int = 0, dtype=jnp.bfloat16) -> str:
+    """The implementation `auto` stands for on `platform` ('cpu', 'gpu'/'cuda', 'tpu') at [T, S].
+
+    GPU: cuDNN's kernel when it can be used (16-bit activations, cuDNN present), else blockwise."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention={impl!r}: expected one of {IMPLEMENTATIONS}")
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if impl == "cudnn" and not half:
+        raise ValueError(f"model.attention=cudnn needs bfloat16/float16 activations (model.compute_dtype), "
+                         f"not {jnp.dtype(dtype)}")
+    if impl == "cudnn" and cudnn_version() is None:
+        raise ValueError("model.attention=cudnn: no cuDNN library on this machine (pip install 'jax[cuda12]')")
     if impl != "auto":
         return impl
     if platform == "tpu":
         return "pallas"
     if platform in ("gpu", "cuda"):
-        return "cudnn"
+        return "cudnn" if half and cudnn_version() is not None else "blockwise"
     return "xla" if t * s <= CPU_XLA_MAX_PAIRS else "blockwise"
 
 
@@ -69,7 +89,7 @@ def attend(q: Array, k: Array, v: Array, mask: Mask, impl: str = "xla", block: i
            platform: str | None = None) -> Array:
     """Causal attention of T queries over S keys; see the module docstring."""
     t, s = q.shape[3], k.shape[2]
-    impl = resolve(impl, platform or jax.default_backend(), t, s)
+    impl = resolve(impl, platform or jax.default_backend(), t, s, q.dtype)
     if impl == "xla":
         return materialised(q, k, v, mask.allowed(t))
     if impl == "blockwise":
