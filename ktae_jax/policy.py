@@ -18,9 +18,9 @@ import jax.numpy as jnp
 
 from ktae_jax import builtin
 from ktae_jax import mesh as mesh_lib
-from ktae_jax.models.config import ModelOptions
 from ktae_jax.models import (CheckpointError, ModelConfig, Transformer, eos_token_ids, init_random, load_pretrained,
                              load_tokenizer)
+from ktae_jax.models.config import ModelOptions
 
 
 @dataclasses.dataclass(frozen=True)
