@@ -74,7 +74,9 @@ def abstract_run(cfg: TrainConfig, mesh) -> AbstractRun:
 
     model_cfg, _ = model_config_for(cfg.model.path)
     dtype, compute = jnp.dtype(cfg.model.param_dtype), jnp.dtype(cfg.model.compute_dtype)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: init_random(model_cfg, dtype=dtype, compute_dtype=compute)))
+    options = cfg.model.options(mesh)  # the target's attention kernel, placed on its mesh, as a run there
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: init_random(model_cfg, dtype=dtype, compute_dtype=compute,
+                                                                    options=options)))
     shardings = mesh_lib.state_shardings(params, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
     tx = make_optimizer(cfg.optim)

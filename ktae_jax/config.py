@@ -43,12 +43,13 @@ class ModelSection:
     remat: Literal["none", "full", "dots"] = "none"  # what the backward keeps per layer (full: only its input)
     scan_layers: bool = True  # the layer stack as one lax.scan (compile time flat in depth), else unrolled
 
-    def options(self, platform: str = "") -> "ModelOptions":
-        """How the model computes, for devices of `platform` ('' = JAX's default backend)."""
+    def options(self, mesh: Any = None) -> "ModelOptions":
+        """How the model computes, on `mesh` (its devices' platform; None = JAX's default backend)."""
         from ktae_jax.models.config import ModelOptions
 
+        platform = "" if mesh is None else mesh.devices.flat[0].platform
         return ModelOptions(attention=self.attention, attention_block=self.attention_block, remat=self.remat,
-                            scan_layers=self.scan_layers, platform=platform)
+                            scan_layers=self.scan_layers, platform=platform, mesh=mesh)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,7 +67,7 @@ class Trainer:
 
         policy = load_policy(cfg.model.path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
                              mesh=self.mesh, init=cfg.model.init, seed=cfg.run.seed,
-                             options=cfg.model.options(self.mesh.devices.flat[0].platform))
+                             options=cfg.model.options(self.mesh))
         self.tokenizer, self.stop_ids, self.pad_id = policy.tokenizer, policy.stop_ids, policy.pad_id
         self.vocab_size = policy.model.config.vocab_size
         self.graphdef, params = nnx.split(policy.model)

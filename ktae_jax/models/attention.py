@@ -86,7 +86,7 @@ def resolve(impl: str, platform: str, t: int = 0, s: int = 0, dtype=jnp.bfloat16
 
 
 def attend(q: Array, k: Array, v: Array, mask: Mask, impl: str = "xla", block: int = 512,
-           platform: str | None = None) -> Array:
+           platform: str | None = None, mesh=None) -> Array:
     """Causal attention of T queries over S keys; see the module docstring."""
     t, s = q.shape[3], k.shape[2]
     impl = resolve(impl, platform or jax.default_backend(), t, s, q.dtype)
@@ -96,9 +96,9 @@ def attend(q: Array, k: Array, v: Array, mask: Mask, impl: str = "xla", block: i
         return blockwise(q, k, v, mask.key_mask, jnp.arange(t, dtype=jnp.int32) + mask.first_slot, block)
     if impl == "cudnn":
         return _cudnn(q, k, v, mask)
-    from ktae_jax.models.pallas_tpu import splash
+    from ktae_jax.models.pallas_tpu import splash_on_mesh
 
-    return splash(q, k, v, mask)
+    return splash_on_mesh(q, k, v, mask, mesh)
 
 
 def materialised(q: Array, k: Array, v: Array, allowed_BxTxS: Array) -> Array:

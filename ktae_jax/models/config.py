@@ -36,6 +36,8 @@ class ModelOptions:
     input; all recomputed), `dots` (matmul outputs without batch dimensions: the projections).
     scan_layers: the layer stack as one `lax.scan` (compile time independent of depth) or unrolled.
     platform: the target for `auto` ('cpu', 'gpu', 'tpu'); "" = JAX's default backend when traced.
+    mesh: the device mesh a run uses, for kernels that must be placed by hand (Pallas: `shard_map`
+    over the batch and head splits); None on one device.
     """
 
     attention: str = "auto"
@@ -43,6 +45,7 @@ class ModelOptions:
     remat: str = "none"
     scan_layers: bool = True
     platform: str = ""
+    mesh: Any = None  # a jax.sharding.Mesh (hashable, static like the rest)
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_IMPLS:

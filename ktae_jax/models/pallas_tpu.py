@@ -67,3 +67,23 @@ def splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *, interpret: b
         qh, pad_kv(k), pad_kv(v), q_seg, kv_seg)
     return out[:, :, :t, :d].reshape(b, kv, g, t, d).astype(q.dtype)
 
+
+
+def splash_on_mesh(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, mesh=None) -> jax.Array:
+    """`splash` on a device mesh: a Mosaic kernel is not partitioned by XLA, so each device runs it
+    on its own rows (batch split) and key/value heads (tensor split) under `shard_map`."""
+    if mesh is None or mesh.size == 1:
+        return splash(q, k, v, mask)
+    from jax.sharding import PartitionSpec as P
+
+    from ktae_jax.mesh import logical_to_spec
+
+    spec = logical_to_spec(("batch", "kv_heads"), mesh, q.shape[:2])
+    rows, heads = spec[0], spec[1]
+    first_slot = int(mask.first_slot) if not isinstance(mask.first_slot, jax.core.Tracer) else mask.first_slot
+
+    def local(q, k, v, key_mask):
+        return splash(q, k, v, Mask(key_mask, first_slot))
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, heads), P(rows, heads), P(rows, heads), P(rows)),
+                         out_specs=P(rows, heads), check_vma=False)(q, k, v, mask.key_mask)

@@ -136,7 +136,7 @@ class Attention(nnx.Module):
             out = attn_lib.decode_attention(q, keys, values, mask)
         else:
             out = attn_lib.attend(q, keys, values, mask, options.attention, options.attention_block,
-                                  options.platform or None)
+                                  options.platform or None, options.mesh)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, kv * g * d)
         y = constrain(out @ self.o[...].astype(dt).reshape(kv * g * d, e)).reshape(b, t, e)
         if self.o_bias is not None:
