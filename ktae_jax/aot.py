@@ -191,8 +191,23 @@ def compile_only(cfg: TrainConfig, target_name: str, programs: tuple[str, ...] =
     return {"target": target.name, "devices": len(target.devices), "usable_bytes": target.usable_bytes,
             "fits": all(p["fits"] for p in results.values()), "programs": results,
             "description": target.description, "memory_note": target.memory_note,
+            "model": model_summary(cfg, target.platform),
             "mesh": dict(zip(mesh.axis_names, map(int, mesh.devices.shape))),
             "state_bytes": per_device_bytes(run.state)}
+
+
+def model_summary(cfg: TrainConfig, platform: str) -> str:
+    """How the compiled model computes: attention kernel (as `auto` resolves on the target), remat."""
+    from ktae_jax.models.attention import resolve
+
+    seq = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+    attention = resolve(cfg.model.attention, platform, seq, seq, jnp.dtype(cfg.model.compute_dtype))
+    note = ""
+    if cfg.model.attention == "auto" and platform == "gpu" and attention != "cudnn":
+        note = " (no cuDNN on this machine; a GPU with cuDNN runs its fused kernel)"
+    return (f"attention {attention}{'' if cfg.model.attention != 'auto' else ' (auto)'}{note}, "
+            f"remat {cfg.model.remat}, {'scanned' if cfg.model.scan_layers else 'unrolled'} layers, "
+            f"parameters {cfg.model.param_dtype}, compute {cfg.model.compute_dtype}")
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -200,6 +215,7 @@ def format_report(report: dict[str, Any]) -> str:
     usable = report["usable_bytes"]
     mesh = " x ".join(f"{k}={v}" for k, v in report["mesh"].items())
     lines = [f"target {report['target']}: {report['description']}; mesh {mesh}",
+             f"model: {report['model']}",
              f"usable per device: {usable / GiB:.2f} GiB ({report['memory_note']}); run state per device "
              f"(parameters, optimizer, step, key): {report['state_bytes'] / GiB:.2f} GiB",
              f"{'program':<9} {'arguments':>10} {'temporaries':>12} {'peak':>9} {'resident':>9} {'total':>9} "

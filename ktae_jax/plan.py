@@ -3,9 +3,9 @@ computed from config.json alone (no weights are read, no device memory is touche
 
 The memory figures are estimates from the shapes: parameters and AdamW moments in the parameter
 dtype (split like the parameters), one gradient buffer, the sampler's KV cache, and what one
-micro-batch keeps for the backward pass: the attention scores of every layer (float32
-probabilities and their compute-dtype copy, `[heads, queries, keys]` per row; the largest term at
-4,096-token rows) and the other activations. XLA's own figures for a target come from
+micro-batch keeps for the backward pass (`backward_memory`): with materialised attention the
+scores of every layer (float32 probabilities and their compute-dtype copy, `[heads, queries,
+keys]` per row; the largest term at 4,096-token rows), and the other activations by `model.remat`. XLA's own figures for a target come from
 `ktae-train ... --compile-only --target NAME` (`ktae_jax.aot`); the dry run says so.
 """
 
@@ -49,6 +49,32 @@ def attention_score_elements(model: ModelConfig, micro_rows: int, group_size: in
     return model.num_heads * (prompts * prompt_len**2 + micro_rows * response_len * (prompt_len + response_len))
 
 
+def backward_memory(cfg: TrainConfig, model: ModelConfig, micro_rows: int, tensor: int) -> tuple[float, float]:
+    """(attention scores, other activations) one micro-batch keeps on a device for the backward pass.
+
+    Scores exist only with materialised attention (`model.attention=xla`; the kernels `auto` picks
+    on TPU / GPU and `blockwise` keep O(T) statistics): every layer's without remat, one layer's
+    (the one being recomputed) with it. Other activations: without remat every layer keeps ~34
+    bytes x hidden per token (bfloat16); `full` keeps only each layer's input, `dots` its matmul
+    outputs; both add one layer's working set while it is recomputed.
+    """
+    c_bytes = 2 if cfg.model.compute_dtype == "bfloat16" else 4
+    e, f, layers = model.hidden_size, model.intermediate_size, model.num_layers
+    tokens = micro_rows * (cfg.data.max_prompt_len + cfg.rollout.max_new_tokens)
+    one_layer = tokens * e * ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN * c_bytes / 2 / tensor
+    kept = {"none": 0.0, "full": e * c_bytes,
+            "dots": (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * c_bytes + (2 * e + 2 * f) * c_bytes / tensor}
+    remat = cfg.model.remat
+    activations = layers * one_layer if remat == "none" else layers * tokens * kept[remat] + one_layer
+    scores = 0.0
+    if cfg.model.attention == "xla":
+        per_layer = (attention_score_elements(model, micro_rows, cfg.rollout.group_size, cfg.data.max_prompt_len,
+                                              cfg.rollout.max_new_tokens)
+                     * (SCORE_BYTES_F32_PROBS + c_bytes) / min(tensor, model.num_heads))
+        scores = per_layer * (layers if remat == "none" else 1)
+    return scores, activations
+
+
 def model_config_for(path: str) -> tuple[ModelConfig, str]:
     """The architecture from `path/config.json`, or from the known paper models by folder name."""
     path = str(builtin.model_folder(path, build=False))
@@ -90,11 +116,7 @@ def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
     grads = params
     reference = params if cfg.algo.kl_coef else 0.0
     micro_per_device = max(micro_rows // batch_devices, 1)
-    activations = (micro_per_device * seq * model.num_layers * model.hidden_size
-                   * ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN * c_bytes / 2 / tensor)
-    scores = (attention_score_elements(model, micro_per_device, cfg.rollout.group_size, cfg.data.max_prompt_len,
-                                       cfg.rollout.max_new_tokens)
-              * model.num_layers * (SCORE_BYTES_F32_PROBS + c_bytes) / min(tensor, model.num_heads))
+    scores, activations = backward_memory(cfg, model, micro_per_device, tensor)
     rows_per_device = rows // batch_devices
     sample_rows_per_device = cfg.sample_chunk_prompts(batch_devices) * cfg.rollout.group_size // batch_devices
     kv_cache = (2 * model.num_layers * model.num_kv_heads * model.head_dim * seq * sample_rows_per_device * c_bytes
@@ -116,8 +138,8 @@ def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
         f"  AdamW moments         {_gb(adam)}",
         f"  gradient accumulator  {_gb(grads)}",
         f"  reference policy      {_gb(reference)}" + ("" if cfg.algo.kl_coef else "  (kl_coef = 0: none)"),
-        f"  attention scores (1 micro-batch, every layer)  {_gb(scores)}",
-        f"  other activations (1 micro-batch, no remat)    {_gb(activations)}",
+        f"  attention scores kept (1 micro-batch)  {_gb(scores)}  (model.attention={cfg.model.attention})",
+        f"  other activations (1 micro-batch)      {_gb(activations)}  (model.remat={cfg.model.remat})",
         f"  sampler KV cache      {_gb(kv_cache)}  ({sample_rows_per_device} rollouts per device per sampler call)",
         f"  total                 {_gb(total)}",
         "a shape estimate; XLA's own figures per device (update, log-prob pass, sampler) for a target:",
