@@ -11,7 +11,7 @@ process (minutes each on a 2-core machine; memory is returned between them).
 
 Goals: every program fits with >= 10% of the usable memory to spare; the 7B DAPO+KTAE update peak
 <= 40 GiB per H100 (issue #12 measured 104.7 GiB before); the 1.5B GRPO+KTAE update peak <= 12 GiB
-per v5p chip (before: ~45 GiB). The dry run's shape estimate is printed beside XLA's total.
+per v5p chip (before: ~45 GiB). The dry run's shape estimates are printed beside XLA's totals.
 """
 
 from __future__ import annotations
@@ -65,12 +65,13 @@ def compile_report(recipe: pathlib.Path, mesh: str, target: str) -> dict:
     return report
 
 
-def dry_run_total(recipe: pathlib.Path, mesh: str) -> float:
+def dry_run_estimates(recipe: pathlib.Path, mesh: str) -> dict[str, float]:
+    """The --dry-run shape estimates (GiB per device) of the update and the sampler."""
     from ktae_jax.config import load_config
     from ktae_jax.plan import dry_run
 
     text = dry_run(load_config([recipe, REPO / mesh]))
-    return float(re.search(r"total\s+([\d.]+) GiB", text).group(1))
+    return {name: float(re.search(rf"  {name}\s+\(.*?\)\s+([\d.]+) GiB", text).group(1)) for name in ("update", "sampler")}
 
 
 def main() -> int:
@@ -91,7 +92,7 @@ def main() -> int:
             cache[key] = (recipe.stem, compile_report(recipe, mesh, target))
             shared = cache[key]
         source, report = shared
-        estimate = dry_run_total(recipe, mesh)
+        estimate = dry_run_estimates(recipe, mesh)
         usable = report["usable_bytes"]
         for name, p in report["programs"].items():
             spare = 1 - p["total_bytes"] / usable
@@ -101,7 +102,7 @@ def main() -> int:
             rows.append([recipe.stem, f"{target} ({pathlib.Path(mesh).stem})", name,
                          f"{p['peak_bytes'] / GiB:.1f}", f"{p['total_bytes'] / GiB:.1f}", f"{usable / GiB:.1f}",
                          f"{spare:.0%}", f"<= {goal / GiB:.0f}" if goal else ">= 10% spare",
-                         BEFORE.get((recipe.stem, name), ""), f"{estimate:.1f}" if name == "update" else "",
+                         BEFORE.get((recipe.stem, name), ""), f"{estimate[name]:.1f}" if name in estimate else "",
                          f"{p['compile_s']:.0f}" + ("" if source == recipe.stem else f" (= {source})"),
                          "yes" if met else "NO"])
     header = ["recipe", "target (mesh)", "program", "XLA peak GiB", "peak + resident GiB", "usable GiB", "spare",

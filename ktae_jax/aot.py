@@ -38,6 +38,10 @@ from ktae_jax.step import (TrainState, UpdateBatch, UpdateSettings, make_optimiz
                            rollout_logprobs, train_step)
 
 GiB = 2**30
+
+
+class CompileError(RuntimeError):
+    """A program failed to compile for the target for a reason other than its memory."""
 PROGRAMS = ("update", "logprobs", "sampler")
 
 
@@ -143,8 +147,8 @@ def compile_program(lower, args: tuple, resident: int, usable: int) -> dict[str,
     try:
         compiled = lower(*args).compile()
     except Exception as err:  # noqa: BLE001
-        if "RESOURCE_EXHAUSTED" not in str(err):
-            raise
+        if "RESOURCE_EXHAUSTED" not in str(err):  # not a verdict: the program cannot be built at all
+            raise CompileError(f"{type(err).__name__}: {str(err).strip().splitlines()[0][:500]}") from err
         required, _ = hardware.parse_hbm_message(str(err))  # the TPU compiler refuses what cannot fit
         result.update(compile_s=round(time.perf_counter() - start, 1),
                       peak_bytes=max(arguments, required or 0), compiled=True,
@@ -187,7 +191,12 @@ def compile_only(cfg: TrainConfig, target_name: str, programs: tuple[str, ...] =
     cfg.validate(num_batch_devices=mesh_lib.batch_devices(mesh))
     run = abstract_run(cfg, mesh)
     inputs = program_inputs(cfg, mesh, run)
-    results = {name: compile_program(*inputs[name], target.usable_bytes) for name in programs}
+    results = {}
+    for name in programs:
+        try:
+            results[name] = compile_program(*inputs[name], target.usable_bytes)
+        except CompileError as err:
+            raise CompileError(f"the {name} program does not compile for {target.name}: {err}") from None
     return {"target": target.name, "devices": len(target.devices), "usable_bytes": target.usable_bytes,
             "fits": all(p["fits"] for p in results.values()), "programs": results,
             "description": target.description, "memory_note": target.memory_note,

@@ -1,12 +1,14 @@
 """`ktae-train --dry-run`: the resolved config, the mesh, per-device batch and a memory estimate,
 computed from config.json alone (no weights are read, no device memory is touched).
 
-The memory figures are estimates from the shapes: parameters and AdamW moments in the parameter
-dtype (split like the parameters), one gradient buffer, the sampler's KV cache, and what one
-micro-batch keeps for the backward pass (`backward_memory`): with materialised attention the
-scores of every layer (float32 probabilities and their compute-dtype copy, `[heads, queries,
-keys]` per row; the largest term at 4,096-token rows), and the other activations by `model.remat`. XLA's own figures for a target come from
-`ktae-train ... --compile-only --target NAME` (`ktae_jax.aot`); the dry run says so.
+The memory figures are estimates from the shapes, per program as `--compile-only` reports them:
+the update holds the parameters and AdamW moments (split like the parameters), a gradient
+accumulator, the weights FSDP gathers (the embedding and output tables, one layer at a time, with
+their unsplit gradients) and what one micro-batch keeps for the backward pass (`backward_memory`:
+with materialised attention the scores of every layer, the largest term at 4,096-token rows; the
+other activations by `model.remat`); the sampler holds the state and its KV cache. Constants were
+calibrated on XLA's own figures for the 7B recipe on 8 x H100 (within ~15%). XLA's figures for a
+target come from `ktae-train ... --compile-only --target NAME` (`ktae_jax.aot`); the dry run says so.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ KNOWN_ARCHITECTURES = {
                             rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=4096),
 }
 # Bytes of saved activations per token, per layer, per hidden unit, without rematerialisation
-# (attention and MLP inputs, q/k/v, SwiGLU intermediates; a rough constant), in units of the
-# compute dtype's half (34 -> 34 bytes in bfloat16).
-ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN = 34
+# (attention and MLP inputs, q/k/v, SwiGLU intermediates, softmax statistics), in units of the
+# compute dtype's half (62 -> 62 bytes in bfloat16): XLA kept 62 for the 7B recipe on H100.
+ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN = 62
 # Bytes kept per attention score for the backward pass: float32 probabilities (softmax's saved
 # output) and their compute-dtype copy (the input of the probabilities x values product).
 SCORE_BYTES_F32_PROBS = 4
@@ -47,6 +49,11 @@ def attention_score_elements(model: ModelConfig, micro_rows: int, group_size: in
     each prompt's queries see its own columns once, each response's queries see prompt + response."""
     prompts = micro_rows // math.gcd(group_size, micro_rows)
     return model.num_heads * (prompts * prompt_len**2 + micro_rows * response_len * (prompt_len + response_len))
+
+
+def layer_params(model: ModelConfig) -> int:
+    return (model.num_params - model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2)
+            - model.hidden_size) // model.num_layers
 
 
 def backward_memory(cfg: TrainConfig, model: ModelConfig, micro_rows: int, tensor: int) -> tuple[float, float]:
@@ -66,6 +73,8 @@ def backward_memory(cfg: TrainConfig, model: ModelConfig, micro_rows: int, tenso
             "dots": (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * c_bytes + (2 * e + 2 * f) * c_bytes / tensor}
     remat = cfg.model.remat
     activations = layers * one_layer if remat == "none" else layers * tokens * kept[remat] + one_layer
+    if remat == "none":  # each layer's weights, cast to the compute dtype (gathered, with FSDP), kept too
+        activations += layers * layer_params(model) * c_bytes / tensor
     scores = 0.0
     if cfg.model.attention == "xla":
         per_layer = (attention_score_elements(model, micro_rows, cfg.rollout.group_size, cfg.data.max_prompt_len,
@@ -121,7 +130,12 @@ def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
     sample_rows_per_device = cfg.sample_chunk_prompts(batch_devices) * cfg.rollout.group_size // batch_devices
     kv_cache = (2 * model.num_layers * model.num_kv_heads * model.head_dim * seq * sample_rows_per_device * c_bytes
                 / min(tensor, model.num_kv_heads))
-    total = params + adam + grads + reference + activations + scores + kv_cache
+    # FSDP gathers the embedding / output tables whole for the step, and each layer's weights in
+    # turn; their gradients exist unsplit before they are reduced.
+    tables = model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2) * p_bytes / tensor
+    gathered = 2 * (tables + layer_params(model) * p_bytes / tensor) if fsdp > 1 else 0.0
+    update = params + adam + grads + reference + gathered + activations + scores
+    sampler = params + adam + reference + tables / (1 if fsdp > 1 else param_shards) + kv_cache
 
     lines = [
         "# resolved config", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "",
@@ -140,8 +154,10 @@ def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
         f"  reference policy      {_gb(reference)}" + ("" if cfg.algo.kl_coef else "  (kl_coef = 0: none)"),
         f"  attention scores kept (1 micro-batch)  {_gb(scores)}  (model.attention={cfg.model.attention})",
         f"  other activations (1 micro-batch)      {_gb(activations)}  (model.remat={cfg.model.remat})",
+        f"  gathered weights + their unsplit gradients (FSDP)  {_gb(gathered)}",
         f"  sampler KV cache      {_gb(kv_cache)}  ({sample_rows_per_device} rollouts per device per sampler call)",
-        f"  total                 {_gb(total)}",
+        f"  update  (state, gradients, gathered weights, activations)  {_gb(update)}",
+        f"  sampler (state, gathered tables, KV cache)                 {_gb(sampler)}",
         "a shape estimate; XLA's own figures per device (update, log-prob pass, sampler) for a target:",
         "  ktae-train <these configs> --compile-only --target NAME  (e.g. v5p-128, h100x8; see README)",
     ]

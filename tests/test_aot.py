@@ -174,3 +174,21 @@ def test_per_device_bytes_counts_shards():
     x = jax.ShapeDtypeStruct((8, 6), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("fsdp")))
     y = jax.ShapeDtypeStruct((3,), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec()))
     assert aot.per_device_bytes([x, y]) == 2 * 6 * 4 + 3 * 2 == math.prod((8 // 4, 6)) * 4 + 6
+
+
+def test_compile_failures_are_a_verdict_only_when_memory_runs_out():
+    """A TPU compile that runs out of HBM is a refusal with the compiler's figures; any other
+    compile error is an error (one line), not a verdict."""
+    def lower_raising(message):
+        def lower(*args):
+            raise RuntimeError(message)
+        return lower
+
+    oom = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(120.00G) exceeds available HBM (95.74G).\nmore detail")
+    result = aot.compile_program(lower_raising(oom), (), resident=0, usable=round(95.74 * GiB))
+    assert result["fits"] is False and result["peak_bytes"] == 120 * GiB
+    assert result["reason"].startswith("the compiler ran out of memory: RESOURCE_EXHAUSTED")
+    with pytest.raises(aot.CompileError, match="RuntimeError: Mosaic kernels cannot be automatically partitioned$"):
+        aot.compile_program(lower_raising("Mosaic kernels cannot be automatically partitioned\ntrace..."), (),
+                            resident=0, usable=GiB)

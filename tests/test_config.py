@@ -150,7 +150,7 @@ def test_the_eight_paper_recipes_load_and_plan(capsys):
         plan = dry_run(cfg)
         assert "estimated memory per device" in plan and "whole groups" in plan
         for mesh_file in sorted((CONFIGS / "mesh").glob("*.yaml")):
-            assert "total" in dry_run(load_config([path, mesh_file]))
+            assert "update  (state" in dry_run(load_config([path, mesh_file]))
     assert train_main(["--config", str(PAPER[0]), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "# resolved config" in out and "mesh: data=1 x fsdp=8 x tensor=1 over 8 device(s)" in out

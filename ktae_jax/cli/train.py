@@ -98,12 +98,12 @@ def _compile_only(config, args) -> int:
     if not (args.compile_only and args.target):
         print("ktae-train: --target and --json go with --compile-only, which needs --target", file=sys.stderr)
         return 2
-    from ktae_jax.aot import compile_only, format_report, to_json
+    from ktae_jax.aot import CompileError, compile_only, format_report, to_json
     from ktae_jax.hardware import TargetError
 
     try:
         report = compile_only(config, args.target)
-    except (ConfigError, TargetError, FileNotFoundError) as err:
+    except (ConfigError, TargetError, CompileError, FileNotFoundError) as err:
         print(f"ktae-train: {err}", file=sys.stderr)
         return 2
     print(format_report(report))
