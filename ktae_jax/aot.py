@@ -237,6 +237,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{name:<9} {gib('argument_bytes'):>10} {gib('temp_bytes'):>12} {gib('peak_bytes'):>9} "
                      f"{gib('resident_bytes'):>9} {gib('total_bytes'):>9} {spare:6.0%} {flops} {compile_s}  "
                      f"{'fits' if p['fits'] else 'DOES NOT FIT: ' + p['reason']}")
+    if any(p["flops"] for p in report["programs"].values()):
+        lines.append("TFLOP: XLA's count, which takes a loop's body once (scanned layers, micro-batches, decode steps)")
     lines.append(f"verdict: {'fits' if report['fits'] else 'does not fit'} on {report['target']}")
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ accumulator, the weights FSDP gathers (the embedding and output tables, one laye
 their unsplit gradients) and what one micro-batch keeps for the backward pass (`backward_memory`:
 with materialised attention the scores of every layer, the largest term at 4,096-token rows; the
 other activations by `model.remat`); the sampler holds the state and its KV cache. Constants were
-calibrated on XLA's own figures for the 7B recipe on 8 x H100 (within ~15%). XLA's figures for a
+calibrated on XLA's own figures for the 7B recipe on 8 x H100 (updates within ~20% below XLA's). XLA's figures for a
 target come from `ktae-train ... --compile-only --target NAME` (`ktae_jax.aot`); the dry run says so.
 """
 
