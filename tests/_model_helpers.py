@@ -51,13 +51,14 @@ def make_hf_checkpoint(
     tmp_path: pathlib.Path, family: str = "qwen2", *, seed: int = 0, weight_std: float = 0.1,
     name: str | None = None, **overrides: Any,
 ) -> pathlib.Path:
-    """Writes a random tiny `family` ("qwen2" | "llama") checkpoint; `overrides` go to the HF config.
+    """Writes a random tiny `family` ("qwen2" | "llama" | "qwen3") checkpoint; `overrides` go to the HF config.
 
     All weights (biases included) are drawn normal(0, weight_std) and norm scales 1 + normal(0, 0.1),
     so that biases and norms matter and greedy argmax is not decided by rounding noise.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     tokenizer = make_tokenizer()
     kwargs = dict(_DEFAULTS)
@@ -70,6 +71,8 @@ def make_hf_checkpoint(
         config, model_cls = Qwen2Config(**kwargs), Qwen2ForCausalLM
     elif family == "llama":
         config, model_cls = LlamaConfig(**kwargs), LlamaForCausalLM
+    elif family == "qwen3":
+        config, model_cls = Qwen3Config(**kwargs), Qwen3ForCausalLM
     else:
         raise ValueError(f"unknown family {family!r}")
     torch.manual_seed(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -16,7 +17,7 @@ from flax import nnx
 from _model_helpers import hf_logits, left_padded_batch, make_hf_checkpoint
 from ktae_jax.mesh import MeshConfig, batch_sharding, make_mesh
 from ktae_jax.models import (
-    CheckpointError, ModelConfig, init_cache, init_random, load_pretrained, response_logprobs, save_pretrained,
+    CheckpointError, ConfigError, ModelConfig, init_cache, init_random, load_pretrained, response_logprobs, save_pretrained,
     token_logprobs,
 )
 from ktae_jax.models.safetensors_io import read_safetensors, write_safetensors
@@ -29,6 +30,8 @@ VARIANTS = {
     "llama-gqa1-untied-nobias": ("llama", dict(num_key_value_heads=1, rope_theta=500000.0)),
     "llama-tied-bias-llama3rope": ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
                                                  rope_scaling=LLAMA3_ROPE, head_dim=24)),
+    "qwen3-qknorm-headdim24": ("qwen3", dict(head_dim=24)),  # q/k RMSNorm per head; head_dim != hidden / heads
+    "qwen3-tied-attention-bias": ("qwen3", dict(tie_word_embeddings=True, attention_bias=True)),
 }
 LENGTHS = [9, 4, 6]  # left-padded rows of different lengths
 
@@ -71,8 +74,9 @@ def test_cached_decoding_matches_full_forward(tmp_path):
     assert int(cache.index) == 10
 
 
-def test_save_round_trip_through_transformers(tmp_path):
-    folder = make_hf_checkpoint(tmp_path, "llama", attention_bias=True, tie_word_embeddings=False)
+@pytest.mark.parametrize("family,overrides", [("llama", dict(attention_bias=True)), ("qwen3", dict(head_dim=24))])
+def test_save_round_trip_through_transformers(tmp_path, family, overrides):
+    folder = make_hf_checkpoint(tmp_path, family, tie_word_embeddings=False, **overrides)
     model, tokenizer = load_pretrained(folder)
     out = save_pretrained(model, tokenizer, tmp_path / "saved", max_shard_bytes=40_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -232,3 +236,17 @@ def test_unexpected_tensor_and_unsupported_family(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
         load_pretrained(folder)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+def test_family_rows_round_trip_config_json_and_refuse_what_they_cannot_express(family):
+    hf = dict(model_type=family, vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=family == "llama")
+    cfg = ModelConfig.from_hf(hf)
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    assert cfg.to_hf()["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+                                             "qwen3": "Qwen3ForCausalLM"}[family]]
+    assert cfg.qkv_bias == (family != "qwen3")  # Qwen2: always; Llama: attention_bias; Qwen3: attention_bias
+    assert cfg.spec.qk_norm == (family == "qwen3")
+    with pytest.raises(ConfigError, match=f"a {family} config cannot have biases"):
+        dataclasses.replace(cfg, qkv_bias=True, o_bias=False, mlp_bias=family == "qwen2").to_hf()

@@ -38,7 +38,7 @@ def _first_stop(row: np.ndarray, eos: int) -> int:
     return int(hits[0]) + 1 if hits.size else len(row)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
 def test_greedy_matches_transformers_with_eos_and_masks(tmp_path, family):
     folder = make_hf_checkpoint(tmp_path, family, num_key_value_heads=1 if family == "llama" else 2)
     model, _ = load_pretrained(folder)

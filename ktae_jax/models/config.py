@@ -1,4 +1,7 @@
-"""Model hyper-parameters: one frozen dataclass for the Qwen2 / Llama decoder family.
+"""Model hyper-parameters: one frozen dataclass for the Qwen2 / Llama / Qwen3 decoders.
+
+What differs between families is one row each in `families.FAMILIES`; this file reads and writes
+config.json through that row.
 
 `ModelConfig.from_hf(dict)` reads a Hugging Face `config.json` (both the older top-level
 `rope_theta` / `rope_scaling` keys and transformers-5 `rope_parameters`), and `to_hf()` writes one
@@ -13,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-SUPPORTED_FAMILIES = ("qwen2", "llama")
+from ktae_jax.models.families import ACTIVATIONS, FAMILIES, Family
+
+SUPPORTED_FAMILIES = tuple(FAMILIES)
 # RoPE variants whose inverse frequencies we compute; others (yarn, dynamic, ...) are rejected.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -58,7 +63,7 @@ class ModelOptions:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "qwen2" (q/k/v biases) or "llama"
+    family: str  # a key of families.FAMILIES: "qwen2", "llama", "qwen3"
     vocab_size: int
     hidden_size: int  # E
     intermediate_size: int  # F, the SwiGLU width
@@ -72,8 +77,9 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # biases on q/k/v projections (always on for Qwen2)
-    o_bias: bool = False  # bias on the output projection (Llama attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama / Qwen3 attention_bias)
     mlp_bias: bool = False  # biases on gate/up/down (Llama mlp_bias)
+    hidden_act: str = "silu"  # MLP activation, a key of families.ACTIVATIONS
     max_position_embeddings: int = 32768
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -93,6 +99,11 @@ class ModelConfig:
             raise ConfigError(f"rope_scaling rope_type {rope_type!r} is not supported ({SUPPORTED_ROPE_TYPES})")
 
     @property
+    def spec(self) -> Family:
+        """The family's row: what differs from the other families."""
+        return FAMILIES[self.family]
+
+    @property
     def rope_type(self) -> str:
         return dict(self.rope_scaling or ()).get("rope_type", "default")
 
@@ -103,7 +114,7 @@ class ModelConfig:
         attn = e * d * (2 * self.num_heads + 2 * self.num_kv_heads)
         attn += (self.num_heads + 2 * self.num_kv_heads) * d * self.qkv_bias + e * self.o_bias
         mlp = 3 * e * f + (2 * f + e) * self.mlp_bias
-        per_layer = attn + mlp + 2 * e
+        per_layer = attn + mlp + 2 * e + 2 * d * self.spec.qk_norm
         embed = self.vocab_size * e * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embed + e
 
@@ -141,8 +152,8 @@ class ModelConfig:
         family = hf.get("model_type")
         if family not in SUPPORTED_FAMILIES:
             raise ConfigError(f"model_type {family!r} is not supported (expected one of {SUPPORTED_FAMILIES})")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+        if hf.get("hidden_act", "silu") not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported ({tuple(ACTIVATIONS)})")
         if hf.get("use_sliding_window", False):
             raise ConfigError("use_sliding_window=true is not supported")
         if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
@@ -159,7 +170,7 @@ class ModelConfig:
         rope_scaling = tuple(sorted(rope.items())) if rope.get("rope_type", "default") != "default" else None
         eos = hf.get("eos_token_id")
         eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
-        bias = bool(hf.get("attention_bias", False))
+        qkv_bias, o_bias, mlp_bias = FAMILIES[family].biases(hf)
         return cls(
             family=family,
             vocab_size=int(need("vocab_size")),
@@ -173,9 +184,10 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=True if family == "qwen2" else bias,
-            o_bias=False if family == "qwen2" else bias,
-            mlp_bias=False if family == "qwen2" else bool(hf.get("mlp_bias", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
+            hidden_act=hf.get("hidden_act", "silu"),
             max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -184,14 +196,14 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that transformers' AutoConfig reads back into the same model."""
-        if self.family == "qwen2" and (self.o_bias or self.mlp_bias or not self.qkv_bias):
-            raise ConfigError("a qwen2 config always has q/k/v biases and no o/mlp biases")
-        if self.family == "llama" and self.qkv_bias != self.o_bias:
-            raise ConfigError("llama's attention_bias covers q/k/v and o together")
+        try:
+            bias_keys = self.spec.hf_bias_keys(self.qkv_bias, self.o_bias, self.mlp_bias)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         rope = {"rope_theta": self.rope_theta, "rope_type": "default", **dict(self.rope_scaling or ())}
         eos: Any = list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0]
         hf: dict[str, Any] = {
-            "architectures": ["Qwen2ForCausalLM" if self.family == "qwen2" else "LlamaForCausalLM"],
+            "architectures": [self.spec.architecture],
             "model_type": self.family,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -200,7 +212,7 @@ class ModelConfig:
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,  # read by older transformers / vLLM
             "rope_parameters": rope,
@@ -212,9 +224,6 @@ class ModelConfig:
         }
         if self.rope_scaling is not None:
             hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if self.family == "llama":
-            hf["attention_bias"] = self.qkv_bias
-            hf["mlp_bias"] = self.mlp_bias
-        else:
-            hf["use_sliding_window"] = False
+        hf.update(bias_keys)
+        hf.update(self.spec.extra_hf)
         return hf

@@ -50,6 +50,8 @@ def _param_map(cfg: ModelConfig) -> list[ParamEntry]:
         (m + ("up",), "mlp.up_proj.weight", "linear"),
         (m + ("down",), "mlp.down_proj.weight", "linear"),
     ]
+    if cfg.spec.qk_norm:
+        per_layer += [(a + (f"{n}_norm", "weight"), f"self_attn.{n}_norm.weight", "copy") for n in "qk"]
     if cfg.qkv_bias:
         per_layer += [(a + (f"{n}_bias",), f"self_attn.{n}_proj.bias", "heads_bias") for n in "qkv"]
     if cfg.o_bias:

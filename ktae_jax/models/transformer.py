@@ -1,4 +1,4 @@
-"""The Qwen2 / Llama decoder in Flax NNX, with a KV cache for decoding.
+"""The Qwen2 / Llama / Qwen3 decoder in Flax NNX (family differences: `families.py`), with a KV cache for decoding.
 
 Letters in names: B batch, T new tokens, S cache slots (keys), E hidden, H query heads,
 KV key/value heads, G = H / KV query heads per kv head, D head dim, F MLP width, V vocabulary,
@@ -24,6 +24,7 @@ from flax import nnx
 
 from ktae_jax.models import attention as attn_lib
 from ktae_jax.models.config import ModelConfig, ModelOptions
+from ktae_jax.models.families import ACTIVATIONS
 
 Array = jax.Array
 Constrain = Callable[[Array], Array]  # pins an activation whose first axis is (batch-major) rows to the batch sharding
@@ -105,6 +106,9 @@ class Attention(nnx.Module):
         self.k_bias = bias((kv, d), ("kv_heads", "head_dim"), cfg.qkv_bias)
         self.v_bias = bias((kv, d), ("kv_heads", "head_dim"), cfg.qkv_bias)
         self.o_bias = bias((e,), ("embed",), cfg.o_bias)
+        qk_norm = lambda: RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, layers=layers)  # noqa: E731
+        self.q_norm = qk_norm() if cfg.spec.qk_norm else None  # Qwen3: per head, before the rotary embedding
+        self.k_norm = qk_norm() if cfg.spec.qk_norm else None
 
     def __call__(
         self, x_BxTxE: Array, cos: Array, sin: Array, mask: attn_lib.Mask,
@@ -124,6 +128,8 @@ class Attention(nnx.Module):
             q = q + self.q_bias[...].astype(dt).reshape(kv, g, 1, d)
             k = k + self.k_bias[...].astype(dt)[:, None, :]
             v = v + self.v_bias[...].astype(dt)[:, None, :]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = _rope(q, cos[:, None, None], sin[:, None, None])
         k = _rope(k, cos[:, None], sin[:, None])
         keys, values = k, v
@@ -147,7 +153,7 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs, layers: int | None = None):
         e, f = cfg.hidden_size, cfg.intermediate_size
-        self.dtype = dtype
+        self.dtype, self.activation = dtype, cfg.hidden_act  # a name: static attributes stay plain data
         par = lambda shape, names, init="normal": _param(rngs, shape, names, param_dtype, init, layers)  # noqa: E731
         self.gate = par((e, f), ("embed", "mlp"))
         self.up = par((e, f), ("embed", "mlp"))
@@ -165,7 +171,7 @@ class MLP(nnx.Module):
         gate, up = constrain(x @ self.gate[...].astype(dt)), constrain(x @ self.up[...].astype(dt))
         if self.gate_bias is not None:
             gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
-        y = constrain((jax.nn.silu(gate) * up) @ self.down[...].astype(dt))
+        y = constrain((ACTIVATIONS[self.activation](gate) * up) @ self.down[...].astype(dt))
         y = y + self.down_bias[...].astype(dt) if self.down_bias is not None else y
         return y.reshape(x_BxTxE.shape)
 
