@@ -114,21 +114,28 @@ def program_inputs(cfg: TrainConfig, mesh, run: AbstractRun) -> dict[str, tuple[
     layout = settings.logprob_layout(cfg, mesh)
     logprobs = jax.jit(functools.partial(rollout_logprobs, run.graphdef, response_len=resp,
                                          temperature=r.temperature, layout=layout, mesh=mesh))
-    chunk = cfg.sample_chunk_prompts(batch_devices)
+    # The trainer samples a step's prompts in one call on `sample_prompts_per_device` x G decode
+    # slots per device, from the rollout copy of the policy (compute dtype, no FSDP split).
+    prompts = r.prompts_per_step
     sampling = SamplingConfig(max_new_tokens=resp, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              eos_ids=(0,), num_samples=r.group_size)
+                              eos_ids=(0,), num_samples=r.group_size,
+                              slots=r.sample_prompts_per_device * batch_devices * r.group_size)
+    compute = jnp.dtype(cfg.model.compute_dtype)
+    rollout_copy = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, compute if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+                                          sharding=s), run.state.params, mesh_lib.decode_shardings(run.state.params, mesh))
     sampler = functools.partial(sample_jit.lower, run.graphdef, config=sampling, mesh=mesh)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
     # Alive beside each program: the update: the reference; a log-prob pass (on the policy or on
     # the reference): the optimizer state, the other parameter copy, the rollouts; the sampler:
-    # the optimizer state and the reference.
+    # the training state (parameters and optimizer state) and the reference.
     rollouts = per_device_bytes(batch[2:])
     return {
         "update": (update.lower, (run.state, batch), reference),
         "logprobs": (logprobs.lower, (run.state.params, batch[0], batch[1]),
                      state_bytes - params_bytes + reference + rollouts),
-        "sampler": (sampler, (run.state.params, _rows(cfg, mesh, chunk, tp, i32), _rows(cfg, mesh, chunk, tp, i32), key),
-                    state_bytes - params_bytes + reference),
+        "sampler": (sampler, (rollout_copy, _rows(cfg, mesh, prompts, tp, i32), _rows(cfg, mesh, prompts, tp, i32), key),
+                    state_bytes + reference),
     }
 
 

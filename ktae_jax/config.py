@@ -75,7 +75,7 @@ class RolloutSection:
     temperature: float = 1.0  # sampling temperature (also applied to the log-probs in the loss)
     top_p: float = 1.0  # nucleus sampling (1 = off)
     top_k: int = 0  # top-k sampling (0 = off)
-    sample_prompts_per_device: int = 0  # prompts per device per sampler call (bounds the KV cache); 0 = all
+    sample_prompts_per_device: int = 0  # decode slots per device = this x group_size (bounds the KV cache); 0 = all rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,11 +268,13 @@ class TrainConfig:
         return self
 
     # ------------------------------------------------------------------ runtime configs of the stages
-    def to_sampling(self, stop_ids: typing.Sequence[int], pad_id: int) -> SamplingConfig:
-        """The rollout sampler's settings: G responses per prompt, stopping at `stop_ids`."""
+    def to_sampling(self, stop_ids: typing.Sequence[int], pad_id: int, batch_devices: int = 1) -> SamplingConfig:
+        """The rollout sampler's settings: G responses per prompt, stopping at `stop_ids`, on
+        `sample_prompts_per_device` x G decode slots per batch device (0: every row at once)."""
         r = self.rollout
         return SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              eos_ids=tuple(stop_ids), pad_id=pad_id, num_samples=r.group_size)
+                              eos_ids=tuple(stop_ids), pad_id=pad_id, num_samples=r.group_size,
+                              slots=r.sample_prompts_per_device * batch_devices * r.group_size)
 
     def to_reward(self) -> RewardConfig:
         """How graded responses become rewards (the overlong penalty counts to `rollout.max_new_tokens`)."""

@@ -144,10 +144,24 @@ def gathered_over_fsdp(variable: nnx.Variable, mesh: Mesh | None) -> jax.Array:
     value = variable[...]
     if mesh is None:
         return value
-    spec = variable_sharding(variable, mesh).spec
+    return jax.lax.with_sharding_constraint(value, _without_fsdp(variable_sharding(variable, mesh)))
+
+
+def _without_fsdp(sharding: NamedSharding) -> NamedSharding:
     drop = lambda axes: (tuple(a for a in axes if a != "fsdp") or None) if isinstance(axes, tuple) else (  # noqa: E731
         None if axes == "fsdp" else axes)
-    return jax.lax.with_sharding_constraint(value, NamedSharding(mesh, PartitionSpec(*map(drop, spec))))
+    return NamedSharding(sharding.mesh, PartitionSpec(*map(drop, sharding.spec)))
+
+
+def decode_shardings(state: Any, mesh: Mesh) -> Any:
+    """The sampler's copy of the parameters: each variable whole along `fsdp` (split by `tensor`
+    only, replicated over the batch axes), so that a decode step reads local weights instead of
+    gathering the FSDP-sharded ones at every token."""
+    return jax.tree.map(
+        lambda v: v.replace(_without_fsdp(variable_sharding(v, mesh))) if isinstance(v, nnx.Variable) else v,
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
 
 
 def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:

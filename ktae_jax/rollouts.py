@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ktae_jax import mesh as mesh_lib
@@ -26,7 +27,7 @@ from ktae_jax.data import DataError, PromptBatch, PromptData
 from ktae_jax.metrics import StageTimer
 from ktae_jax.policy import Policy
 from ktae_jax.rewards import GraderPool, reward_parts
-from ktae_jax.sample import sample_jit
+from ktae_jax.sample import decode_params, sample_jit
 
 
 @dataclasses.dataclass
@@ -74,15 +75,19 @@ class RolloutCollector:
                  pool: GraderPool):
         self.cfg, self.graphdef, self.mesh, self.data, self.pool = cfg, graphdef, mesh, data, pool
         self.tokenizer, self.pad_id = policy.tokenizer, policy.pad_id
-        self.sampling = cfg.to_sampling(policy.stop_ids, policy.pad_id)
+        self.sampling = cfg.to_sampling(policy.stop_ids, policy.pad_id, mesh_lib.batch_devices(mesh))
         self.reward_cfg = cfg.to_reward()
-        self.chunk_prompts = cfg.sample_chunk_prompts(mesh_lib.batch_devices(mesh))
+        self.compute_dtype = jnp.dtype(cfg.model.compute_dtype)
+        self._copy_of = self._copy = None  # the rollout copy of the policy and the parameters it copies
+        self._slot_steps = self._live_tokens = 0
 
     def collect(self, params: Any, step_key: jax.Array, timer: StageTimer, *,
                 while_grading: WhileGrading | None = None) -> tuple[Rollouts, Any, dict[str, float]]:
         """(rollouts, what `while_grading` returned, the filter's metrics). Without dynamic sampling,
         `while_grading` overlaps the grading; with it the filter needs the rewards first, so it runs
-        on the final batch (no overlap)."""
+        on the final batch (no overlap). The sampler's own metrics: `sampler_metrics`."""
+        params = self._rollout_copy(params)
+        self._slot_steps = self._live_tokens = 0
         if not self.cfg.algo.dynamic_sampling:
             batch, overlapped = self._generate(params, self._next_prompts(), jax.random.fold_in(step_key, 0), timer,
                                                while_grading=while_grading)
@@ -90,6 +95,18 @@ class RolloutCollector:
         batch, metrics = self._filter(params, step_key, timer)
         overlapped = while_grading(batch.tokens_NxT, batch.attn_NxT, batch.sampler_logp_NxR) if while_grading else None
         return batch, overlapped, metrics
+
+    def _rollout_copy(self, params: Any) -> Any:
+        """The policy in the sampler's layout (`sample.decode_params`), made again once per update."""
+        if self._copy_of is not params:
+            self._copy, self._copy_of = decode_params(params, self.mesh, self.compute_dtype), params
+        return self._copy
+
+    def sampler_metrics(self, timer: StageTimer) -> dict[str, float]:
+        """Over every sampler call of the last `collect`: the fraction of decode slot-steps that made a token,
+        and the tokens made per second of sampling."""
+        return {"rollout/slot_efficiency": self._live_tokens / max(1, self._slot_steps),
+                "throughput/rollout_tokens_per_s": self._live_tokens / max(timer.seconds.get("time/sample_s", 0.0), 1e-9)}
 
     # 1. PROMPTS
     def _next_prompts(self) -> PromptBatch:
@@ -101,18 +118,16 @@ class RolloutCollector:
 
     # 2. SAMPLE
     def _sample(self, params: Any, prompts: PromptBatch, key: jax.Array) -> tuple[np.ndarray, ...]:
-        """(tokens, mask, policy log-probs, lengths) of G responses per prompt, in sampler calls of
-        `rollout.sample_prompts_per_device` prompts per device (bounding the KV cache)."""
-        chunk = self.chunk_prompts
-        parts = []
-        for i, start in enumerate(range(0, len(prompts.ids), chunk)):
-            ids, mask = mesh_lib.place_batch(self.mesh, prompts.ids[start:start + chunk],
-                                             prompts.mask[start:start + chunk])
-            rollout = sample_jit(self.graphdef, params, ids, mask, jax.random.fold_in(key, i), config=self.sampling,
-                                 mesh=self.mesh)
-            # host sync
-            parts.append(mesh_lib.to_host((rollout.tokens, rollout.mask, rollout.policy_logp, rollout.lengths)))
-        return tuple(np.concatenate(arrays) for arrays in zip(*parts))
+        """(tokens, mask, policy log-probs, lengths) of G responses per prompt: one engine call whose
+        decode slots (`rollout.sample_prompts_per_device` x G per device: they bound the KV cache) take
+        the next rows as rows finish."""
+        ids, mask = mesh_lib.place_batch(self.mesh, prompts.ids, prompts.mask)
+        rollout = sample_jit(self.graphdef, params, ids, mask, key, config=self.sampling, mesh=self.mesh)
+        *out, slot_steps = mesh_lib.to_host((rollout.tokens, rollout.mask, rollout.policy_logp, rollout.lengths,
+                                             rollout.slot_steps))  # host sync
+        self._slot_steps += int(slot_steps)
+        self._live_tokens += int(out[3].sum())
+        return tuple(out)
 
     # 2 + 3. SAMPLE and GRADE one batch of prompts
     def _generate(self, params: Any, prompts: PromptBatch, key: jax.Array, timer: StageTimer, *,

@@ -4,10 +4,11 @@ Letters: P prompts, Tp prompt columns (left-padded), G samples per prompt, N = P
 R = max_new_tokens, V vocabulary.
 
 The steps of `sample_from_state`:
-  1. PREFILL each distinct prompt once into a cache of Tp + R slots.
-  2. BROADCAST the prompt's cache and last logits to its G rows (rows i*G .. i*G+G-1).
-  3. DECODE in a `lax.while_loop`: pick a token from the current logits, record its
-     log-probabilities, feed it back; stop when every row has emitted a stop id or R tokens.
+  1. PREFILL each distinct prompt once (its keys/values and the logits of its first response token).
+  2. DECODE the N rows (rows i*G .. i*G+G-1 answer prompt i) on `slots` decode slots with
+     `ktae_jax.engine`: a row enters a free slot with a copy of its prompt's keys, takes one token
+     per loop iteration, and leaves at a stop id or R tokens; its slot then takes the next row.
+     Finished rows stop costing, and attention reads only the written part of the cache.
 Token choice: temperature, then top-k, then top-p (nucleus), then a categorical draw (inverse CDF, one uniform per row); or argmax
 when greedy. `logp` is the log-probability under that processed distribution (0 under greedy,
 a point mass); `policy_logp` is under the raw policy (temperature 1, no filtering).
@@ -25,8 +26,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from ktae_jax.mesh import batch_sharding, constrain_batch
-from ktae_jax.models.transformer import KVCache, Transformer, init_cache
+from ktae_jax import engine
+from ktae_jax.mesh import batch_devices, batch_sharding, constrain_batch, decode_shardings
+from ktae_jax.models.transformer import Transformer
 
 Array = jax.Array
 
@@ -41,6 +43,7 @@ class SamplingConfig:
     eos_ids: tuple[int, ...] = ()  # a row stops after emitting any of these
     pad_id: int = 0  # written after a row has stopped
     num_samples: int = 1  # G, responses per prompt
+    slots: int = 0  # rows decoded at once (the KV cache holds this many); 0 = all P x G rows
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -53,6 +56,8 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k}: must be >= 0")
         if self.num_samples < 1:
             raise ValueError(f"num_samples={self.num_samples}: must be >= 1")
+        if self.slots < 0:
+            raise ValueError(f"slots={self.slots}: must be >= 0 (0 = every row at once)")
         object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
 
 
@@ -62,6 +67,13 @@ class Rollout(NamedTuple):
     logp: Array  # [N, R] float32 log-prob under the sampling distribution (0 where mask is 0)
     policy_logp: Array  # [N, R] float32 log-prob under the raw policy (0 where mask is 0)
     lengths: Array  # [N] int32 = mask.sum(-1)
+    slot_steps: Array  # int32 scalar: decode slot-iterations spent (lengths.sum() of them made a token)
+    decode_steps: Array  # int32 scalar: decode loop iterations
+
+
+def slot_efficiency(rollout: Rollout) -> float:
+    """The fraction of decode slot-steps that produced a live token (host)."""
+    return float(np.sum(rollout.lengths)) / max(1, int(rollout.slot_steps))
 
 
 # ---------------------------------------------------------------------- token choice
@@ -88,13 +100,14 @@ def process_logits(logits_NxV: Array, config: SamplingConfig) -> Array:
 _CDF_BLOCK = 256
 
 
-def categorical_inverse_cdf(key: Array, logits_NxV: Array) -> Array:
+def categorical_inverse_cdf(key: Array, logits_NxV: Array, uniform_Nx1: Array | None = None) -> Array:
     """One draw per row from softmax(logits), by inverting the CDF with a single uniform per row.
 
     Same distribution as `jax.random.categorical`, which draws V Gumbel variates per row; with
     V = 32000 that cost ~60 ms per decode step on this CPU against ~5 ms here. The CDF is taken
     in two levels (block sums, then within the chosen block) so no V-long scan is needed.
-    Tokens of zero probability (filtered to -inf) are never chosen.
+    Tokens of zero probability (filtered to -inf) are never chosen. `uniform_Nx1`: the uniforms
+    to use instead of drawing them from `key`.
     """
     n, v = logits_NxV.shape
     blocks = -(-v // _CDF_BLOCK)
@@ -103,7 +116,8 @@ def categorical_inverse_cdf(key: Array, logits_NxV: Array) -> Array:
     block_mass = probs.sum(-1)
     block_cdf = jnp.cumsum(block_mass, axis=-1)
     total = block_cdf[:, -1:]
-    u = jnp.minimum(jax.random.uniform(key, (n, 1)) * total, jnp.nextafter(total, 0.0))
+    u = jax.random.uniform(key, (n, 1)) if uniform_Nx1 is None else uniform_Nx1
+    u = jnp.minimum(u * total, jnp.nextafter(total, 0.0))
     # The first block whose CDF exceeds u (it has positive mass), then the first token inside it.
     j = jnp.minimum(jnp.sum(block_cdf <= u, axis=-1), blocks - 1)
     before = jnp.take_along_axis(block_cdf - block_mass, j[:, None], -1)
@@ -113,90 +127,77 @@ def categorical_inverse_cdf(key: Array, logits_NxV: Array) -> Array:
     return (j * _CDF_BLOCK + i).astype(jnp.int32)
 
 
-def choose_tokens(logits_NxV: Array, key: Array, config: SamplingConfig) -> tuple[Array, Array, Array]:
+def choose_tokens(logits_NxV: Array, key: Array | None, config: SamplingConfig,
+                  uniform_Nx1: Array | None = None) -> tuple[Array, Array, Array]:
     """(tokens [N], logp under the sampling distribution [N], logp under the raw policy [N])."""
     policy = jax.nn.log_softmax(logits_NxV.astype(jnp.float32), axis=-1)
     if config.greedy:
         tokens = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
         return tokens, jnp.zeros(tokens.shape, jnp.float32), jnp.take_along_axis(policy, tokens[:, None], -1)[:, 0]
     processed = process_logits(logits_NxV, config)
-    tokens = categorical_inverse_cdf(key, processed)
+    tokens = categorical_inverse_cdf(key, processed, uniform_Nx1)
     sampling = jax.nn.log_softmax(processed, axis=-1)
     pick = lambda lp: jnp.take_along_axis(lp, tokens[:, None], -1)[:, 0]  # noqa: E731
     return tokens, pick(sampling), pick(policy)
 
 
 # ---------------------------------------------------------------------- the sampler
-class _Loop(NamedTuple):
-    step: Array  # next column to fill
-    logits: Array  # [N, V] logits for that column
-    cache: KVCache
-    done: Array  # [N] bool: the row has emitted a stop id
-    tokens: Array
-    mask: Array
-    logp: Array
-    policy_logp: Array
+def check_shapes(model: Transformer, num_prompts: int, prompt_len: int, config: SamplingConfig,
+                 devices: int = 1) -> int:
+    """Raise a ValueError naming the limit a call would break; returns the slot count."""
+    if num_prompts < 1:
+        raise ValueError("no prompts: the prompt list is empty")
+    limit = model.config.max_position_embeddings
+    if prompt_len >= limit:
+        raise ValueError(f"prompts of {prompt_len} columns leave no room for a response: the model has "
+                         f"max_position_embeddings={limit}")
+    if prompt_len + config.max_new_tokens > limit:
+        raise ValueError(f"max_new_tokens={config.max_new_tokens} after prompts of {prompt_len} columns exceeds the "
+                         f"model's max_position_embeddings={limit} (at most {limit - prompt_len} new tokens)")
+    rows = num_prompts * config.num_samples
+    slots = min(config.slots or rows, rows)
+    return -(-slots // devices) * devices  # a multiple of the devices the batch is split over
 
 
 def sample_from_state(
     graphdef: nnx.GraphDef, state: nnx.State, prompt_ids_PxT: Array, prompt_mask_PxT: Array, key: Array,
-    *, config: SamplingConfig, mesh: Mesh | None = None,
+    *, config: SamplingConfig, mesh: Mesh | None = None, stop_lengths_N: Array | None = None,
 ) -> Rollout:
-    """The pure sampler (see the module docstring); jit it with `config`, `graphdef`, `mesh` static."""
+    """The pure sampler (see the module docstring); jit it with `config`, `graphdef`, `mesh` static.
+
+    `stop_lengths_N` forces row n to stop after that many tokens (benchmarks with random models)."""
     model: Transformer = nnx.merge(graphdef, state)
     p, tp = prompt_ids_PxT.shape
-    g, r = config.num_samples, config.max_new_tokens
-    n = p * g
-    eos = jnp.asarray(config.eos_ids or (-1,), jnp.int32)
-
-    # 1. PREFILL each distinct prompt once.
-    cache = init_cache(model.config, p, tp + r, model.dtype)
-    hidden_PxTxE, cache = model.hidden(prompt_ids_PxT, prompt_mask_PxT, cache=cache)
-    # Left padding: the last column is each prompt's last token; only its logits are needed.
-    last_logits_PxV = model.logits(hidden_PxTxE[:, -1:])[:, 0]
-
-    # 2. BROADCAST to G rows per prompt, contiguous.
+    devices = batch_devices(mesh)
+    slots = check_shapes(model, p, tp, config, devices)
     place = functools.partial(constrain_batch, mesh=mesh)
-    cache = cache.repeat_rows(g, place)
-    logits = place(jnp.repeat(last_logits_PxV, g, axis=0))
-
-    # 3. DECODE until every row stopped or R tokens.
-    def pick(loop: _Loop) -> _Loop:
-        tok, lp, plp = choose_tokens(loop.logits, jax.random.fold_in(key, loop.step), config)
-        live = ~loop.done
-        tok = jnp.where(live, tok, config.pad_id)
-        col = lambda buf, val: jax.lax.dynamic_update_slice(buf, val[:, None], (0, loop.step))  # noqa: E731
-        return loop._replace(
-            step=loop.step + 1,
-            done=loop.done | jnp.any(tok[:, None] == eos[None, :], axis=-1),
-            tokens=col(loop.tokens, tok),
-            mask=col(loop.mask, live.astype(jnp.int32)),
-            logp=col(loop.logp, jnp.where(live, lp, 0.0)),
-            policy_logp=col(loop.policy_logp, jnp.where(live, plp, 0.0)),
-        )
-
-    def body(loop: _Loop) -> _Loop:
-        last = jax.lax.dynamic_slice_in_dim(loop.tokens, loop.step - 1, 1, axis=1)
-        step_logits, new_cache = model(last, jnp.ones_like(last), cache=loop.cache)
-        return pick(loop._replace(logits=step_logits[:, 0], cache=new_cache))
-
-    zeros = lambda dtype: constrain_batch(jnp.zeros((n, r), dtype), mesh)  # noqa: E731
-    loop = _Loop(
-        step=jnp.zeros((), jnp.int32), logits=logits, cache=cache, done=jnp.zeros((n,), bool),
-        tokens=zeros(jnp.int32) + config.pad_id, mask=zeros(jnp.int32),
-        logp=zeros(jnp.float32), policy_logp=zeros(jnp.float32),
-    )
-    loop = pick(loop)
-    loop = jax.lax.while_loop(lambda l: (l.step < r) & ~jnp.all(l.done), body, loop)
-    return Rollout(loop.tokens, loop.mask, loop.logp, loop.policy_logp, loop.mask.sum(-1).astype(jnp.int32))
+    prompts = engine.prefill(model, prompt_ids_PxT, prompt_mask_PxT)
+    lim = engine.Limits(p * config.num_samples, config.max_new_tokens, config.num_samples, config.eos_ids,
+                        config.pad_id)
+    choose = lambda logits, u: choose_tokens(logits, None, config, u)  # noqa: E731
+    out, slot_steps, steps = engine.decode(model, prompts, key, choose, lim, slots=slots, batch_devices=devices,
+                                           stop_len_N=stop_lengths_N, place=place)
+    out = jax.tree.map(place, out)
+    return Rollout(out.tokens, out.mask, out.logp, out.policy_logp, out.mask.sum(-1).astype(jnp.int32),
+                   slot_steps, steps)
 
 
 sample_jit = jax.jit(sample_from_state, static_argnames=("graphdef", "config", "mesh"))
 
 
+def decode_params(params: nnx.State, mesh: Mesh | None, dtype) -> nnx.State:
+    """The rollout copy of the policy: floating parameters cast to the compute `dtype` and laid out
+    for decoding (`mesh.decode_shardings`: no FSDP split, so no weight gathers per decode step).
+    The model casts every weight to its compute dtype before use, so the sampler computes the same
+    numbers from this copy as from `params`. Refresh it after every update (`RolloutCopy`)."""
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    out = None if mesh is None else decode_shardings(params, mesh)
+    return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=out)(params)
+
+
 def sample(
     model: Transformer, prompt_ids_PxT, prompt_mask_PxT, key: Array, config: SamplingConfig,
-    *, mesh: Mesh | None = None,
+    *, mesh: Mesh | None = None, stop_lengths_N=None,
 ) -> Rollout:
     """Convenience wrapper: checks the prompts, places them on `mesh`, calls the jitted sampler."""
     ids, mask = np.asarray(prompt_ids_PxT), np.asarray(prompt_mask_PxT)
@@ -208,5 +209,8 @@ def sample(
     if mesh is not None:
         ids = jax.device_put(ids, batch_sharding(mesh, ids.shape))
         mask = jax.device_put(mask, batch_sharding(mesh, mask.shape))
+    if ids.shape[0] == 0:
+        raise ValueError("no prompts: the prompt list is empty")
     graphdef, state = nnx.split(model)
-    return sample_jit(graphdef, state, ids, mask, key, config=config, mesh=mesh)
+    stops = None if stop_lengths_N is None else jnp.asarray(stop_lengths_N, jnp.int32)
+    return sample_jit(graphdef, state, ids, mask, key, config=config, mesh=mesh, stop_lengths_N=stops)

@@ -174,7 +174,8 @@ class Trainer:
                 train = self._train_step_for(tokens.shape[1] - self.cfg.rollout.max_new_tokens)
                 self.state, metrics = train(self.state, UpdateBatch(tokens, attn, resp_mask, adv, old_logp, ref_logp))
                 metrics = {k: float(v) for k, v in mesh_lib.to_host(metrics).items()}  # host sync: NaN check, logging
-        metrics.update(self._rollout_metrics(batch, step, timer.seconds), **dyn_metrics, **timer.seconds)
+        metrics.update(self._rollout_metrics(batch, step, timer.seconds), **dyn_metrics, **timer.seconds,
+                       **self.rollouts.sampler_metrics(timer))
         if key is not None:
             metrics.update(self._ktae_diagnostics(resp, resp_mask, key))
         return metrics
@@ -199,6 +200,7 @@ class Trainer:
         return {
             "reward/mean": float(batch.rewards_N.mean()), "reward/accuracy": float(batch.correct_N.mean()),
             "response/length_mean": float(lengths.mean()), "response/length_max": int(lengths.max()),
+            **{f"response/length_p{q}": float(np.percentile(lengths, q)) for q in (10, 50, 90)},
             "response/truncated_frac": float(truncated.mean()),
             "optim/lr": learning_rate(cfg.optim, step * updates_per_step),
             "throughput/tokens_per_s": float(lengths.sum()) / times["time/step_s"],

@@ -1,4 +1,5 @@
-"""The jitted group sampler against transformers' generate, scipy chi-square and a separate forward."""
+"""The jitted group sampler against transformers' generate, scipy chi-square and a separate forward;
+the decode engine's continuous batching (fewer slots than rows) against the all-rows-at-once run."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from _model_helpers import hf_logits, left_padded_batch, make_hf_checkpoint
 from ktae_jax.cli import generate as generate_cli
 from ktae_jax.mesh import MeshConfig, make_mesh
 from ktae_jax.models import load_pretrained
-from ktae_jax.sample import SamplingConfig, sample, sample_jit
+from ktae_jax import engine
+from ktae_jax.sample import SamplingConfig, decode_params, sample, sample_jit, slot_efficiency
 
 R = 10
 
@@ -38,8 +40,10 @@ def _first_stop(row: np.ndarray, eos: int) -> int:
     return int(hits[0]) + 1 if hits.size else len(row)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
-def test_greedy_matches_transformers_with_eos_and_masks(tmp_path, family):
+@pytest.mark.parametrize("family,slots", [("qwen2", 0), ("llama", 0), ("qwen3", 0), ("qwen2", 3)])
+def test_greedy_matches_transformers_with_eos_and_masks(tmp_path, family, slots):
+    """slots=3 < 8 rows: rows wait for a slot, enter it when an earlier row stops, share a batch
+    with rows at other positions, and the tail is packed into fewer slots."""
     folder = make_hf_checkpoint(tmp_path, family, num_key_value_heads=1 if family == "llama" else 2)
     model, _ = load_pretrained(folder)
     ids, mask = left_padded_batch([8, 3, 6, 1], 96, seed=7)
@@ -48,7 +52,7 @@ def test_greedy_matches_transformers_with_eos_and_masks(tmp_path, family):
     assert np.array_equal(free_tokens[0::2], free_tokens[1::2])  # greedy copies of one prompt agree
     # A stop id that row 0 emits mid-way but another row never emits: some rows stop, some never do.
     eos = next(int(t) for t in free_tokens[0, 1:R - 1] if any(t not in r for r in free_tokens[2::2]))
-    cfg = SamplingConfig(R, greedy=True, eos_ids=(95, eos), pad_id=0, num_samples=2)
+    cfg = SamplingConfig(R, greedy=True, eos_ids=(95, eos), pad_id=0, num_samples=2, slots=slots)
     got = sample(model, ids, mask, jax.random.key(0), cfg)
     tokens, got_mask = np.asarray(got.tokens)[0::2], np.asarray(got.mask)[0::2]
     want = _hf_greedy(folder, ids, mask, cfg.eos_ids, 0, R)
@@ -61,6 +65,8 @@ def test_greedy_matches_transformers_with_eos_and_masks(tmp_path, family):
         assert np.all(tokens[row, stop:] == 0) and np.all(np.asarray(got.logp)[2 * row, stop:] == 0)
     np.testing.assert_array_equal(np.asarray(got.lengths)[0::2], stops)
     np.testing.assert_array_equal(np.asarray(got.logp), 0.0)  # greedy: a point mass
+    if slots:
+        assert int(got.decode_steps) > R  # 3 slots for 8 rows: some rows waited
 
 
 def _reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -118,6 +124,50 @@ def test_logprobs_equal_a_separate_forward(qwen_dir):
     np.testing.assert_array_equal(got.lengths, got.mask.sum(-1))
 
 
+def test_greedy_past_the_first_cache_length_matches_transformers(tmp_path):
+    """R = 300: the engine's cache starts with room for 64 response tokens and grows three times."""
+    folder = make_hf_checkpoint(tmp_path, "qwen2")
+    model, _ = load_pretrained(folder)
+    ids, mask = left_padded_batch([5, 2], 96, seed=3)
+    assert engine.cache_lengths(ids.shape[1], 300) == [ids.shape[1] + n for n in (64, 128, 256, 300)]
+    got = sample(model, ids, mask, jax.random.key(0), SamplingConfig(300, greedy=True, slots=1))
+    np.testing.assert_array_equal(np.asarray(got.tokens), _hf_greedy(folder, ids, mask, (), 0, 300))
+    assert int(got.slot_steps) == 600 and int(got.decode_steps) == 600  # one slot, two rows in turn
+
+
+def test_sampling_does_not_depend_on_the_slots(qwen_dir):
+    """Each row's draws are keyed by (row, position): the same rollout whatever the schedule."""
+    model, _ = load_pretrained(qwen_dir)
+    ids, mask = left_padded_batch([6, 2, 4], 96, seed=8)
+    stops = np.array([3, 9, 1, 12, 5, 7, 2, 12, 4])  # forced: a random model has no stop of its own
+    runs = [jax.device_get(sample(model, ids, mask, jax.random.key(5), SamplingConfig(12, num_samples=3, slots=s),
+                                  stop_lengths_N=stops)) for s in (0, 4, 2)]
+    for got in runs:
+        np.testing.assert_array_equal(got.lengths, stops)
+        np.testing.assert_array_equal(got.tokens, runs[0].tokens)
+        np.testing.assert_array_equal(got.mask, runs[0].mask)
+        for field in ("logp", "policy_logp"):  # another batch width: equal up to rounding
+            np.testing.assert_allclose(getattr(got, field), getattr(runs[0], field), atol=1e-5)
+    assert len(set(np.asarray(runs[0].tokens)[:, 0].tolist())) > 3  # really sampled
+    assert [int(r.slot_steps) for r in runs[1:]] != [int(runs[0].slot_steps)] * 2
+
+
+def test_slot_steps_hand_counted(qwen_dir):
+    """4 rows of forced lengths 1, 3, 2, 2 on 2 slots: rows 0, 1 enter; it. 1: row 0 stops, row 2
+    enters; it. 2; it. 3: rows 1 and 2 stop, row 3 enters and nothing waits, so the batch is packed
+    to 1 slot; it. 4, 5 on that slot. 2 + 2 + 2 + 1 + 1 = 8 slot-steps, all live."""
+    model, _ = load_pretrained(qwen_dir)
+    ids, mask = left_padded_batch([4, 3], 96, seed=1)
+    got = sample(model, ids, mask, jax.random.key(0), SamplingConfig(6, num_samples=2, slots=2),
+                 stop_lengths_N=np.array([1, 3, 2, 2]))
+    assert (int(got.decode_steps), int(got.slot_steps)) == (5, 8)
+    assert slot_efficiency(got) == 1.0
+    alone = sample(model, ids, mask, jax.random.key(0), SamplingConfig(6, num_samples=2),
+                   stop_lengths_N=np.array([1, 3, 2, 2]))
+    # 4 slots: it. 1, 2 at width 4; then only row 1 is live: packed to 2, then to 1 slot for it. 3.
+    assert (int(alone.decode_steps), int(alone.slot_steps)) == (3, 4 + 4 + 1)
+
+
 def test_eight_devices_same_greedy_and_no_recompile(qwen_dir):
     ids, mask = left_padded_batch([7, 2, 5, 4], 96, seed=9)
     cfg = SamplingConfig(6, greedy=True, num_samples=2)
@@ -134,9 +184,41 @@ def test_eight_devices_same_greedy_and_no_recompile(qwen_dir):
     assert sample_jit._cache_size() == compiled
 
 
-def test_bad_prompts_and_config_are_named():
+def test_rollout_copy_samples_what_the_policy_samples(qwen_dir):
+    """The bf16 rollout copy of a float32 / bf16-compute policy: the same rollout on 1 device (the
+    model casts each weight to bf16 before use anyway); on 8 devices no weight is split over fsdp."""
+    from flax import nnx
+
+    ids, mask = left_padded_batch([6, 3], 96, seed=4)
+    cfg = SamplingConfig(8, temperature=1.0, num_samples=2)
+    model, _ = load_pretrained(qwen_dir, compute_dtype=jax.numpy.bfloat16)
+    graphdef, params = nnx.split(model)
+    copy = decode_params(params, None, jax.numpy.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(copy)} == {jax.numpy.dtype("bfloat16")}
+    run = lambda state: jax.device_get(sample_jit(graphdef, state, ids, mask, jax.random.key(2), config=cfg))  # noqa: E731
+    want, got = run(params), run(copy)
+    for field in ("tokens", "mask", "logp", "policy_logp"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    sharded, _ = load_pretrained(qwen_dir, mesh=mesh)
+    _, sharded_params = nnx.split(sharded)
+    specs = [x.sharding.spec for x in jax.tree.leaves(decode_params(sharded_params, mesh, jax.numpy.float32))]
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(sharded_params))
+    assert not any("fsdp" in str(spec) for spec in specs) and any("tensor" in str(spec) for spec in specs)
+
+
+def test_bad_prompts_and_config_are_named(qwen_dir):
     with pytest.raises(ValueError, match="left-padded"):
         sample(None, np.ones((1, 3)), np.array([[1, 1, 0]]), jax.random.key(0), SamplingConfig(2))
+    model, _ = load_pretrained(qwen_dir)  # max_position_embeddings=512
+    with pytest.raises(ValueError, match="empty"):
+        sample(model, np.ones((0, 3)), np.ones((0, 3)), jax.random.key(0), SamplingConfig(2))
+    with pytest.raises(ValueError, match="prompts of 512 columns .* max_position_embeddings=512"):
+        sample(model, np.ones((1, 512)), np.ones((1, 512)), jax.random.key(0), SamplingConfig(2))
+    with pytest.raises(ValueError, match=r"max_new_tokens=500 .* max_position_embeddings=512 \(at most 412"):
+        sample(model, np.ones((1, 100)), np.ones((1, 100)), jax.random.key(0), SamplingConfig(500))
+    with pytest.raises(ValueError, match="slots=-1"):
+        SamplingConfig(2, slots=-1)
     with pytest.raises(ValueError, match="top_p=0"):
         SamplingConfig(2, top_p=0.0)
     with pytest.raises(ValueError, match="temperature=0"):

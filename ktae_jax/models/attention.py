@@ -39,7 +39,7 @@ class Mask(NamedTuple):
     """Which keys each query sees: real keys (`key_mask` [B, S]) in slots <= the query's own."""
 
     key_mask: Array  # [B, S] bool
-    first_slot: Array | int  # slot of query 0; a NumPy int when known at trace time (the pallas kernel needs it)
+    first_slot: Array | int  # slot of query 0 (or [B], one per row); a NumPy int when known at trace time (the pallas kernel needs it)
     dense: Array | None = None  # allowed(T) made once per forward pass, outside the layer loop
 
     def allowed(self, t: int) -> Array:
@@ -48,6 +48,9 @@ class Mask(NamedTuple):
             return self.dense
         key_mask = self.key_mask
         slots = jnp.arange(key_mask.shape[1])
+        if jnp.ndim(self.first_slot) == 1:  # a slot per row (the decode engine's)
+            query_slot_BxT = self.first_slot[:, None] + jnp.arange(t)[None, :]
+            return key_mask[:, None, slots] & (slots[None, None, :] <= query_slot_BxT[:, :, None])
         query_slot = jnp.arange(t) + self.first_slot  # (a NumPy scalar on the left would not take a tracer)
         return key_mask[:, None, slots] & (slots[None, None, :] <= query_slot[None, :, None])
 

@@ -35,13 +35,25 @@ def _unconstrained(x: Array) -> Array:
     return x
 
 
+def _write_new(cache: Array, new: Array, first_slot, layer: Array | None = None) -> Array:
+    """`new` keys/values [B, KV, T, D] written into `cache` ([B, KV, S, D], or [L, B, KV, S, D] at
+    `layer`) from slot `first_slot`: one slot for all rows, or one per row ([B], with T = 1)."""
+    lead = () if layer is None else (layer,)
+    new = new.astype(cache.dtype)
+    if jnp.ndim(first_slot) == 1:
+        return cache.at[(*lead, jnp.arange(new.shape[0]), slice(None), first_slot)].set(new[:, :, 0])
+    return jax.lax.dynamic_update_slice(cache, new[None] if lead else new, (*lead, 0, 0, first_slot, 0))
+
+
 class KVCache(NamedTuple):
-    """Keys/values of earlier tokens. `index` is the next slot to write (same for all rows)."""
+    """Keys/values of earlier tokens. `index` is the next slot to write: one scalar for all rows, or
+    an int32 [B] per row (the decode engine's slots, which serve rows of different lengths; then one
+    new token per call)."""
 
     k: Array  # [L, B, KV, S, D]
     v: Array  # [L, B, KV, S, D]
     key_mask: Array  # [B, S] bool: the slot holds a real (non-pad) token
-    index: Array  # int32 scalar (a NumPy one while known at trace time)
+    index: Array  # int32 scalar (a NumPy one while known at trace time), or [B]
 
     def repeat_rows(self, k: int, constrain: Constrain = _unconstrained) -> "KVCache":
         """Each row k times, as rows i*k .. i*k+k-1: one prompt's prefill shared by k continuations."""
@@ -135,9 +147,8 @@ class Attention(nnx.Module):
         keys, values = k, v
         if cache_kv is not None:
             # The new keys written at `first_slot`; attend over every slot of the cache.
-            at = (0, 0, mask.first_slot, 0)
-            keys = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), at)
-            values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), at)
+            keys = _write_new(cache_kv[0], k, mask.first_slot)
+            values = _write_new(cache_kv[1], v, mask.first_slot)
         if cache_kv is not None and t == 1:
             out = attn_lib.decode_attention(q, keys, values, mask)
         else:
@@ -214,8 +225,7 @@ def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.
             return (one_layer(x, layer_params, None)[0], None, None), None
         take = lambda c: jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False)  # noqa: E731
         x, (k, v) = one_layer(x, layer_params, (take(ck), take(cv)))
-        put = lambda c, new: jax.lax.dynamic_update_slice(  # noqa: E731
-            c, new[None].astype(c.dtype), (i, 0, 0, mask.first_slot, 0))
+        put = lambda c, new: _write_new(c, new, mask.first_slot, i)  # noqa: E731
         return (x, put(ck, k), put(cv, v)), None
 
     carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
@@ -258,7 +268,10 @@ class Transformer(nnx.Module):
             key_mask, first_slot, seen_BxT = mask, np.int32(0), jnp.zeros((b, 1), jnp.int32)
         else:
             first_slot = cache.index
-            key_mask = jax.lax.dynamic_update_slice(cache.key_mask, mask, (0, first_slot))
+            if jnp.ndim(first_slot) == 1 and t != 1:
+                raise ValueError(f"a cache with per-row indices takes one token per row, got {t}")
+            key_mask = (cache.key_mask.at[jnp.arange(b), first_slot].set(mask[:, 0]) if jnp.ndim(first_slot) == 1
+                        else jax.lax.dynamic_update_slice(cache.key_mask, mask, (0, first_slot)))
             seen_BxT = jnp.sum(cache.key_mask, axis=-1, dtype=jnp.int32)[:, None]
         if positions_BxT is None:
             positions_BxT = jnp.maximum(seen_BxT + jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)

@@ -1,0 +1,155 @@
+"""Collective bytes of one decode step of the 7B recipe on one 8-GPU host, compile-only, from XLA's HLO.
+
+    JAX_PLATFORMS=cpu .venv/bin/python benchmarks/sampler_collectives.py [--config configs/paper/grpo_7b.yaml]
+        [--mesh configs/mesh/gpu_1x8.yaml] [--slots-per-device N] [--cache-len L]
+
+One decode iteration of the engine (`engine._iteration`: choose, one forward of every slot, the
+refill branch) is compiled for 8 abstract H100s (`../shared/aot/h100_sxm.txtpb`, jax-cuda12-plugin,
+no GPU needed) from abstract parameters, twice:
+  before   the training parameters as the sampler read them until now (param dtype, FSDP-sharded)
+  after    the rollout copy (`sample.decode_params`: compute dtype, `mesh.decode_shardings`)
+and the bytes moved by its collectives (all-gather, all-reduce, reduce-scatter, all-to-all,
+collective-permute: the size of each result) are summed from the optimized HLO, split into the
+always-run part and the refill branch (run only when a row finishes and another waits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import pathlib
+import re
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TARGET = ROOT.parent / "shared" / "aot" / "h100_sxm.txtpb"
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
+
+
+def h100_mesh(cfg):
+    import jax
+    import numpy as np
+    from jax.experimental import topologies
+
+    from ktae_jax.mesh import make_mesh
+
+    topo = topologies.get_topology_desc(platform="cuda", topology="1x1x8", target_config=TARGET.read_text())
+    devices = list(np.array(topo.devices).reshape(-1))
+    return make_mesh(cfg.mesh, devices), jax
+
+
+def collective_bytes(hlo: str) -> tuple[int, int, dict[str, int]]:
+    """(bytes outside conditional branches, bytes inside them, per-op totals) of the collectives."""
+    always = branch = 0
+    per_op: dict[str, int] = {}
+    current = ""
+    branches = {name for group in re.findall(r"branch_computations=\{([^}]*)\}", hlo)
+                for name in re.findall(r"%?([\w.\-]+)", group)}
+    branches |= {name for pair in re.findall(r"true_computation=%?([\w.\-]+), false_computation=%?([\w.\-]+)", hlo)
+                 for name in pair}
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) ", line)
+        if head and line.rstrip().endswith("{"):
+            current = head.group(1)
+        # A synchronous collective, or the `-done` half of an asynchronous one (its type is the result).
+        m = re.search(r"= ((?:\([^=]*\))|(?:\w+\[[\d,]*\](?:\{[^}]*\})?)) (" + "|".join(COLLECTIVES) + r")(?:-done)?\(", line)
+        if not m:
+            continue
+        size = sum(BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                   for t, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)))
+        per_op[m.group(2)] = per_op.get(m.group(2), 0) + size
+        if current in branches:
+            branch += size
+        else:
+            always += size
+    return always, branch, per_op
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs/paper/grpo_7b.yaml"))
+    ap.add_argument("--mesh", default=str(ROOT / "configs/mesh/gpu_1x8.yaml"))
+    ap.add_argument("--slots-per-device", type=int, default=0, help="0: rollout.sample_prompts_per_device x G")
+    ap.add_argument("--cache-len", type=int, default=0, help="0: max_prompt_len + max_new_tokens")
+    ap.add_argument("--dump", default="", help="write the HLO texts here (folder)")
+    args = ap.parse_args()
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ktae_jax import engine
+    from ktae_jax import mesh as mesh_lib
+    from ktae_jax.config import load_config
+    from ktae_jax.models import init_random
+    from ktae_jax.models.transformer import KVCache
+    from ktae_jax.plan import model_config_for
+    from ktae_jax.sample import SamplingConfig, choose_tokens
+
+    cfg = load_config([args.config, args.mesh])
+    mesh, jax = h100_mesh(cfg)
+    model_cfg, _ = model_config_for(cfg.model.path)
+    param_dtype, compute = jnp.dtype(cfg.model.param_dtype), jnp.dtype(cfg.model.compute_dtype)
+    devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    r = cfg.rollout
+    w = (args.slots_per_device or r.sample_prompts_per_device * r.group_size) * devices
+    length = args.cache_len or cfg.data.max_prompt_len + r.max_new_tokens
+    tp = cfg.data.max_prompt_len
+    p = w // r.group_size
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: init_random(model_cfg, dtype=param_dtype, compute_dtype=compute)))
+    sharded = lambda tree, shardings: jax.tree.map(  # noqa: E731
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    before = sharded(params, mesh_lib.state_shardings(params, mesh))
+    cast = lambda x: jax.ShapeDtypeStruct(x.shape, compute if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)  # noqa: E731
+    after = sharded(jax.tree.map(cast, params), mesh_lib.decode_shardings(params, mesh))
+
+    batch = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.batch_sharding(mesh, shape))  # noqa: E731
+    layers = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731  [L, rows, ...]: rows split as a batch
+        shape, dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+            None, *mesh_lib.batch_sharding(mesh, shape[1:]).spec)))
+    kv_shape = (model_cfg.num_layers, w, model_cfg.num_kv_heads, length, model_cfg.head_dim)
+    cache = KVCache(layers(kv_shape, compute), layers(kv_shape, compute), batch((w, length), jnp.bool_), batch((w,), jnp.int32))
+    prompt_kv = layers((model_cfg.num_layers, p, model_cfg.num_kv_heads, tp, model_cfg.head_dim), compute)
+    prompts = engine.Prompts(prompt_kv, prompt_kv, batch((p, tp), jnp.bool_), batch((p,), jnp.int32),
+                             batch((p, model_cfg.vocab_size), jnp.float32))
+    slots = engine.Slots(cache, batch((w,), jnp.int32), batch((w,), jnp.int32), batch((w, model_cfg.vocab_size), jnp.float32),
+                         batch((w,), jnp.bool_))
+    n = w * 2
+    out = engine.Outputs(batch((n, r.max_new_tokens), jnp.int32), batch((n, r.max_new_tokens), jnp.int32),
+                         batch((n, r.max_new_tokens), jnp.float32), batch((n, r.max_new_tokens), jnp.float32))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    loop = engine.Loop(slots, out, scalar, scalar, scalar)
+    sampling = SamplingConfig(r.max_new_tokens, temperature=r.temperature, num_samples=r.group_size, eos_ids=(0,))
+    lim = engine.Limits(n, r.max_new_tokens, r.group_size, (0,), 0)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+    def one_step(state, key, prompts, loop, stops):
+        model = nnx.merge(graphdef, state)
+        choose = lambda logits, u: choose_tokens(logits, None, sampling, u)  # noqa: E731
+        place = functools.partial(mesh_lib.constrain_batch, mesh=mesh)
+        return engine._iteration(model, choose, jax.random.wrap_key_data(key), prompts, stops, lim, place, loop)
+
+    stops = batch((n,), jnp.int32)
+    print(f"{cfg.model.path}: {model_cfg.num_params / 1e9:.2f}B params ({param_dtype.name}, compute {compute.name}); "
+          f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']} on 8 x H100 "
+          f"(compile-only); {w} decode slots, cache {length} slots")
+    for name, state in (("before", before), ("after", after)):
+        start = time.perf_counter()
+        # The loop state leaves the step laid out as it came (inside the sampler it never leaves the loop).
+        keep = jax.tree.map(lambda x: getattr(x, "sharding", None), loop)
+        compiled = jax.jit(one_step, out_shardings=keep).lower(state, key, prompts, loop, stops).compile()
+        hlo = compiled.as_text()
+        if args.dump:
+            pathlib.Path(args.dump).mkdir(parents=True, exist_ok=True)
+            (pathlib.Path(args.dump) / f"{name}.hlo.txt").write_text(hlo)
+        always, branch, per_op = collective_bytes(hlo)
+        ops = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(per_op.items()))
+        print(f"{name:<7} per decode step: {always / 2**30:8.2f} GiB every step, {branch / 2**30:8.2f} GiB in the "
+              f"refill branch ({ops}); compiled in {time.perf_counter() - start:.0f} s")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
