@@ -1,12 +1,12 @@
-"""Qwen2 / Llama decoders in Flax NNX, loaded from and saved to Hugging Face checkpoint folders."""
+"""Qwen2 / Llama / Qwen3 decoders in Flax NNX, loaded from and saved to Hugging Face checkpoint folders."""
 
-from ktae_jax.models.config import ConfigError, ModelConfig
+from ktae_jax.models.config import ConfigError, ModelConfig, ModelOptions
 from ktae_jax.models.hf_io import CheckpointError, eos_token_ids, load_pretrained, load_tokenizer, save_pretrained
 from ktae_jax.models.transformer import (KVCache, Transformer, init_cache, init_random, response_logprobs,
                                            token_logprobs)
 
 __all__ = [
-    "CheckpointError", "ConfigError", "KVCache", "ModelConfig", "Transformer", "eos_token_ids", "init_cache",
-    "init_random", "load_pretrained", "load_tokenizer", "response_logprobs", "save_pretrained",
+    "CheckpointError", "ConfigError", "KVCache", "ModelConfig", "ModelOptions", "Transformer", "eos_token_ids",
+    "init_cache", "init_random", "load_pretrained", "load_tokenizer", "response_logprobs", "save_pretrained",
     "token_logprobs",
 ]
