@@ -38,7 +38,8 @@ class ModelSection:
     init: Literal["pretrained", "random"] = "pretrained"  # "random": the folder's architecture, random weights
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters and optimizer state
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations
-    attention: Literal["auto", "xla", "blockwise", "cudnn", "pallas"] = "auto"  # auto: TPU pallas, GPU cudnn, CPU xla (short rows) / blockwise
+    # auto: TPU pallas, GPU cudnn, CPU xla (short rows) / blockwise; see README "Models"
+    attention: Literal["auto", "xla", "blockwise", "cudnn", "pallas"] = "auto"
     attention_block: int = 512  # keys per block of the blockwise attention
     remat: Literal["none", "full", "dots"] = "none"  # what the backward keeps per layer (full: only its input)
     scan_layers: bool = True  # the layer stack as one lax.scan (compile time flat in depth), else unrolled

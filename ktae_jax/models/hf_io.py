@@ -163,8 +163,9 @@ def load_pretrained(
     """(model, tokenizer or None) from a Hugging Face folder.
 
     `dtype` is the parameter dtype, `compute_dtype` the activations' (default: `dtype`). The model
-    is built abstractly (`nnx.eval_shape`; `options`: how it computes, see `ModelOptions`) and each tensor is read from its memory-mapped file
-    straight into place; with `mesh`, every device receives only its shard (by the mesh rules).
+    is built abstractly (`nnx.eval_shape`) and each tensor is read from its memory-mapped file straight
+    into place (each layer's into its slice of the stacked weights); with `mesh`, every device
+    receives only its shard (by the mesh rules). `options`: how the model computes (`ModelOptions`).
     Missing, unexpected or mis-shaped tensors raise CheckpointError naming the tensor and file.
     """
     folder = pathlib.Path(path)

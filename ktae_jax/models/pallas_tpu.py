@@ -61,7 +61,8 @@ def splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *, interpret: b
     kv_seg = jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, sp - s_used)), constant_values=2)
     scale = d**-0.5  # the kernel does not scale; zero-padding D must not change the scale either
     qh = jnp.pad((q * scale).astype(q.dtype).reshape(b, kv * g, t, d), ((0, 0), (0, 0), (0, tp - t), (0, dp - d)))
-    pad_kv = lambda x: jnp.pad(x[:, :, :s_used].astype(q.dtype), ((0, 0), (0, 0), (0, sp - s_used), (0, dp - d)))  # noqa: E731
+    pad_kv = lambda x: jnp.pad(  # noqa: E731
+        x[:, :, :s_used].astype(q.dtype), ((0, 0), (0, 0), (0, sp - s_used), (0, dp - d)))
     kernel = _kernel(kv * g, tp, sp, offset, interpret)
     out = jax.vmap(lambda q1, k1, v1, qs, ks: kernel(q1, k1, v1, segment_ids=SegmentIds(qs, ks)))(
         qh, pad_kv(k), pad_kv(v), q_seg, kv_seg)

@@ -216,7 +216,8 @@ def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.
         return nnx.merge(graphdef, layer_params)(x, cos, sin, mask, cache_kv, options, constrain)
 
     if options.remat != "none":
-        one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[options.remat], prevent_cse=not options.scan_layers)
+        one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[options.remat],
+                                   prevent_cse=not options.scan_layers)  # a scan needs no CSE barrier
 
     def body(carry, xs):
         x, ck, cv = carry
