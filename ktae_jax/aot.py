@@ -219,10 +219,11 @@ def model_summary(cfg: TrainConfig, platform: str) -> str:
     seq = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     attention = resolve(cfg.model.attention, platform, seq, seq, jnp.dtype(cfg.model.compute_dtype))
     note = ""
+    scanned = cfg.model.scan_layers if cfg.model.scan_layers is not None else platform != "cpu"
     if cfg.model.attention == "auto" and platform == "gpu" and attention != "cudnn":
         note = " (no cuDNN on this machine; a GPU with cuDNN runs its fused kernel)"
     return (f"attention {attention}{'' if cfg.model.attention != 'auto' else ' (auto)'}{note}, "
-            f"remat {cfg.model.remat}, {'scanned' if cfg.model.scan_layers else 'unrolled'} layers, "
+            f"remat {cfg.model.remat}, {'scanned' if scanned else 'unrolled'} layers, "
             f"parameters {cfg.model.param_dtype}, compute {cfg.model.compute_dtype}")
 
 

@@ -42,15 +42,20 @@ class ModelSection:
     attention: Literal["auto", "xla", "blockwise", "cudnn", "pallas"] = "auto"
     attention_block: int = 512  # keys per block of the blockwise attention
     remat: Literal["none", "full", "dots"] = "none"  # what the backward keeps per layer (full: only its input)
-    scan_layers: bool = True  # the layer stack as one lax.scan (compile time flat in depth), else unrolled
+    # the layer stack as one lax.scan (compile time flat in depth) or unrolled; null = by platform:
+    # scanned on TPU/GPU, unrolled on CPU (the small models' update runs ~20 % faster there unrolled)
+    scan_layers: bool | None = None
 
     def options(self, mesh: Any = None) -> "ModelOptions":
         """How the model computes, on `mesh` (its devices' platform; None = JAX's default backend)."""
         from ktae_jax.models.config import ModelOptions
 
+        import jax
+
         platform = "" if mesh is None else mesh.devices.flat[0].platform
+        scan = self.scan_layers if self.scan_layers is not None else (platform or jax.default_backend()) != "cpu"
         return ModelOptions(attention=self.attention, attention_block=self.attention_block, remat=self.remat,
-                            scan_layers=self.scan_layers, platform=platform, mesh=mesh)
+                            scan_layers=scan, platform=platform, mesh=mesh)
 
 
 @dataclasses.dataclass(frozen=True)
