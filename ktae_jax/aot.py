@@ -126,14 +126,16 @@ def program_inputs(cfg: TrainConfig, mesh, run: AbstractRun) -> dict[str, tuple[
                                           sharding=s), run.state.params, mesh_lib.decode_shardings(run.state.params, mesh))
     sampler = functools.partial(sample_jit.lower, run.graphdef, config=sampling, mesh=mesh)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
-    # Alive beside each program: the update: the reference; a log-prob pass (on the policy or on
-    # the reference): the optimizer state, the other parameter copy, the rollouts; the sampler:
-    # the training state (parameters and optimizer state) and the reference.
+    # Alive beside each program: the update: the reference and the rollout copy (the trainer keeps
+    # it until the next step's sampling); a log-prob pass (on the policy or on the reference): the
+    # optimizer state, the other parameter copy, the rollout copy, the rollouts; the sampler: the
+    # training state (parameters and optimizer state) and the reference.
     rollouts = per_device_bytes(batch[2:])
+    copy = per_device_bytes(rollout_copy)
     return {
-        "update": (update.lower, (run.state, batch), reference),
+        "update": (update.lower, (run.state, batch), reference + copy),
         "logprobs": (logprobs.lower, (run.state.params, batch[0], batch[1]),
-                     state_bytes - params_bytes + reference + rollouts),
+                     state_bytes - params_bytes + reference + copy + rollouts),
         "sampler": (sampler, (rollout_copy, _rows(cfg, mesh, prompts, tp, i32), _rows(cfg, mesh, prompts, tp, i32), key),
                     state_bytes + reference),
     }
