@@ -13,7 +13,9 @@ import jax
 
 
 def _auto_detected() -> bool:
-    on_tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+    # A TPU VM lists its slice's hosts; one host (or none) needs no jax.distributed.
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    on_tpu_pod = len(hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
     in_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
     return on_tpu_pod or in_slurm
 

@@ -15,6 +15,7 @@ touched; XLA only needs their description), and the memory per device a run may 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -93,21 +94,34 @@ def _tpu_target(name: str, generation: str, shape: tuple[int, ...]) -> Target:
     _require("libtpu", "tpu", name)
     from jax.experimental import topologies
 
-    # Several processes may compile for TPU at once (tests, launch checks): allow it; the two
-    # others only silence start-up warnings about a missing TPU VM environment.
+    # Several processes may compile for TPU at once (tests, launch checks): allow it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     layout = "x".join(map(str, shape))
     extra = {"chip_config_name": "megacore"} if generation == "v4" else {}  # one device per v4 chip
     try:
-        topology = topologies.get_topology_desc(topology_name=f"{generation}:{layout}", platform="tpu", **extra)
+        with _tpu_vm_environment():
+            topology = topologies.get_topology_desc(topology_name=f"{generation}:{layout}", platform="tpu", **extra)
     except Exception as err:  # noqa: BLE001  (libtpu's own refusal, e.g. a shape it does not know)
         raise TargetError(f"target {name}: libtpu cannot describe {generation}:{layout}: {err}") from None
     devices = tuple(topology.devices)
     usable = _tpu_hbm_bytes(devices[0])
     return Target(name, "tpu", devices, usable, "HBM per chip as XLA's TPU compiler allows it",
                   f"TPU {generation} {layout} ({len(devices)} chips)")
+
+
+@contextlib.contextmanager
+def _tpu_vm_environment():
+    """Silence libtpu's start-up warnings about a missing TPU VM while it loads, and no longer: left
+    in the environment, TPU_WORKER_HOSTNAMES would make this process look like a TPU pod host
+    (`distributed.initialize` starts jax.distributed there)."""
+    added = {k: v for k, v in (("TPU_ACCELERATOR_TYPE", "v5p-8"), ("TPU_WORKER_HOSTNAMES", "localhost"))
+             if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 _HBM = re.compile(r"exceeds available HBM \(([\d.]+)([KMGT]?)\)")

@@ -192,3 +192,21 @@ def test_compile_failures_are_a_verdict_only_when_memory_runs_out():
     with pytest.raises(aot.CompileError, match="RuntimeError: Mosaic kernels cannot be automatically partitioned$"):
         aot.compile_program(lower_raising("Mosaic kernels cannot be automatically partitioned\ntrace..."), (),
                             resident=0, usable=GiB)
+
+
+def test_a_tpu_target_leaves_no_pod_environment_behind(monkeypatch):
+    # libtpu's start-up variables stay out of the process: left in, TPU_WORKER_HOSTNAMES made every later
+    # ktae-train in this process start jax.distributed as if on a TPU pod host.
+    import os
+
+    from ktae_jax import distributed, hardware
+
+    for key in ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE"):
+        monkeypatch.delenv(key, raising=False)
+    hardware.target("v5e-4")
+    assert "TPU_WORKER_HOSTNAMES" not in os.environ and "TPU_ACCELERATOR_TYPE" not in os.environ
+    assert not distributed._auto_detected()
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    assert not distributed._auto_detected()  # one TPU VM host: nothing to coordinate
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")
+    assert distributed._auto_detected()
