@@ -179,3 +179,21 @@ def test_screened_answer_still_matches_itself():
     # Screened answers are compared as strings, so a literal match still scores.
     assert answers_equivalent(r"9^{9^{9^{9}}}", r"9^{9^{9^{9}}}")
     assert not answers_equivalent(r"9^{9^{9^{9}}}", "9")
+
+
+def test_cpu_time_limit_fires_inside_its_window_and_never_after():
+    import signal
+
+    from ktae_jax.rewards.equivalence import CheckTimeout, _time_limit
+
+    before = signal.getsignal(signal.SIGPROF)
+    with pytest.raises(CheckTimeout):
+        with _time_limit(0.05):
+            while True:  # CPU-bound: the profiling timer runs out
+                sum(range(1000))
+    assert signal.getsignal(signal.SIGPROF) == before
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
+    with _time_limit(5.0):
+        handler = signal.getsignal(signal.SIGPROF)
+    handler(signal.SIGPROF, None)  # a signal handled after the window closed is ignored, not raised
+    assert signal.getsignal(signal.SIGPROF) == before and signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)

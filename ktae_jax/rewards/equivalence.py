@@ -68,14 +68,23 @@ def _time_limit(seconds: float) -> Iterator[None]:
         yield
         return
 
+    # Python runs a signal handler at the next bytecode boundary, which may fall after the timer is
+    # disarmed: the handler raises only while its own window is open, and the window closes (one
+    # store) before anything is undone, so a late signal can neither escape into unrelated code nor
+    # skip the restoring of the previous handler.
+    window = {"open": True}
+
     def _raise(signum, frame):
-        raise CheckTimeout
+        if window["open"]:
+            window["open"] = False
+            raise CheckTimeout
 
     previous = signal.signal(signal.SIGPROF, _raise)
     signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
+        window["open"] = False
         signal.setitimer(signal.ITIMER_PROF, 0)
         signal.signal(signal.SIGPROF, previous)
 
