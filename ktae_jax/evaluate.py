@@ -295,7 +295,8 @@ def evaluate(
     graphdef, state = _split_policy(policy)
     stops = tuple(stop_ids) if stop_ids is not None else (int(tokenizer.eos_token_id),)
     pad_id = pad_token_id(tokenizer, stops)
-    config = SamplingConfig(max_new_tokens=protocol.max_new_tokens, greedy=True, eos_ids=stops, pad_id=pad_id)
+    config = SamplingConfig(max_new_tokens=protocol.max_new_tokens, greedy=True, eos_ids=stops, pad_id=pad_id,
+                            beyond_positions=True)  # warned about below
     key = _place(np.asarray(jax.random.PRNGKey(0)), mesh, replicated=True)  # unused by greedy decoding
 
     # 1-2. SELECT and RESUME

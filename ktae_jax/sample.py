@@ -44,6 +44,9 @@ class SamplingConfig:
     pad_id: int = 0  # written after a row has stopped
     num_samples: int = 1  # G, responses per prompt
     slots: int = 0  # rows decoded at once (the KV cache holds this many); 0 = all P x G rows
+    # Let prompt + response run past the model's max_position_embeddings (rotary positions extrapolate;
+    # ktae-eval warns instead of refusing, so one long benchmark prompt does not stop an evaluation).
+    beyond_positions: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -148,12 +151,18 @@ def check_shapes(model: Transformer, num_prompts: int, prompt_len: int, config: 
     if num_prompts < 1:
         raise ValueError("no prompts: the prompt list is empty")
     limit = model.config.max_position_embeddings
+    if config.beyond_positions:
+        return _slot_count(num_prompts, config, devices)
     if prompt_len >= limit:
         raise ValueError(f"prompts of {prompt_len} columns leave no room for a response: the model has "
                          f"max_position_embeddings={limit}")
     if prompt_len + config.max_new_tokens > limit:
         raise ValueError(f"max_new_tokens={config.max_new_tokens} after prompts of {prompt_len} columns exceeds the "
                          f"model's max_position_embeddings={limit} (at most {limit - prompt_len} new tokens)")
+    return _slot_count(num_prompts, config, devices)
+
+
+def _slot_count(num_prompts: int, config: SamplingConfig, devices: int) -> int:
     rows = num_prompts * config.num_samples
     slots = min(config.slots or rows, rows)
     return -(-slots // devices) * devices  # a multiple of the devices the batch is split over

@@ -217,6 +217,10 @@ def test_bad_prompts_and_config_are_named(qwen_dir):
         sample(model, np.ones((1, 512)), np.ones((1, 512)), jax.random.key(0), SamplingConfig(2))
     with pytest.raises(ValueError, match=r"max_new_tokens=500 .* max_position_embeddings=512 \(at most 412"):
         sample(model, np.ones((1, 100)), np.ones((1, 100)), jax.random.key(0), SamplingConfig(500))
+    # Rotary positions extrapolate: a caller that says so (ktae-eval, which warns) may run past the limit.
+    past = sample(model, np.ones((1, 510), np.int32), np.ones((1, 510), np.int32), jax.random.key(0),
+                  SamplingConfig(4, greedy=True, beyond_positions=True))
+    assert past.tokens.shape == (1, 4)
     with pytest.raises(ValueError, match="slots=-1"):
         SamplingConfig(2, slots=-1)
     with pytest.raises(ValueError, match="top_p=0"):
