@@ -30,6 +30,7 @@ import numbers
 import re
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 from ktae_jax.rewards.extract import clean_text, extract_boxed
@@ -59,34 +60,47 @@ def _on_main_thread() -> bool:
 
 @contextlib.contextmanager
 def _time_limit(seconds: float) -> Iterator[None]:
-    """Limit on the process's CPU time (SIGPROF), on the main thread; elsewhere a no-op.
+    """Limit on the calling thread's CPU time, on the main thread; elsewhere a no-op.
 
     CPU time, not wall time, so a verdict does not depend on how busy the machine is; the
     worker pool's wall-clock kill bounds the rest (C code that never yields to a signal).
+    The process's profiling timer (SIGPROF) wakes the check up; only this thread's own CPU
+    time (`time.thread_time`) decides. That matters where other threads run, and where other
+    code sends SIGPROF too: libtpu, once loaded (`--compile-only` for a TPU target), runs a
+    100 Hz CPU profiler on SIGPROF.
     """
     if not _on_main_thread() or seconds <= 0:
         yield
         return
 
-    # Python runs a signal handler at the next bytecode boundary, which may fall after the timer is
-    # disarmed: the handler raises only while its own window is open, and the window closes (one
-    # store) before anything is undone, so a late signal can neither escape into unrelated code nor
-    # skip the restoring of the previous handler.
+    # Python runs a handler at the next bytecode boundary, which may fall after the window
+    # closed: the handler acts only while its window is open, and the window closes (one store)
+    # before anything is undone, so a late signal neither escapes into unrelated code nor skips
+    # the restoring below.
     window = {"open": True}
+    start = time.thread_time()
 
-    def _raise(signum, frame):
-        if window["open"]:
-            window["open"] = False
-            raise CheckTimeout
+    def _on_sigprof(signum, frame):
+        if not window["open"]:
+            return
+        remaining = seconds - (time.thread_time() - start)
+        if remaining > 0:  # another thread's CPU time or another sender: wait for ours
+            signal.setitimer(signal.ITIMER_PROF, max(remaining, 0.005))
+            return
+        window["open"] = False
+        raise CheckTimeout
 
-    previous = signal.signal(signal.SIGPROF, _raise)
+    previous = signal.signal(signal.SIGPROF, _on_sigprof)
     signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
         window["open"] = False
         signal.setitimer(signal.ITIMER_PROF, 0)
-        signal.signal(signal.SIGPROF, previous)
+        # SIG_DFL ends the process on a SIGPROF; Python reports it for a handler installed from C
+        # (libtpu's profiler) as well, and restoring it would let that profiler's next signal kill
+        # the process ("Profiling timer expired"). Such signals are ignored instead.
+        signal.signal(signal.SIGPROF, signal.SIG_IGN if previous in (signal.SIG_DFL, None) else previous)
 
 
 # ---------------------------------------------------------------- references
