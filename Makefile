@@ -30,8 +30,10 @@ $(TESTDEPS): pyproject.toml $(LOCK) $(RUNTIME)
 
 setup: $(TESTDEPS)
 
+# The demo's default is the CPU; after `make test` the venv also holds the TPU/CUDA compilers, which
+# JAX would otherwise try (and loudly fail) to start. JAX_PLATFORMS=... overrides.
 demo: $(RUNTIME)
-	$(VENV)/bin/python -m ktae_jax.demo
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VENV)/bin/python -m ktae_jax.demo
 
 # JAX_PLATFORMS=cpu: libtpu and the CUDA plugin (for the compile-only tests) stay unloaded at start.
 test: $(TESTDEPS)
