@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face checkpoints (Qwen2 / Llama) built with transformers + torch, offline.
+"""Tiny random Hugging Face checkpoints (Qwen2 / Llama / Qwen3 / Gemma 3) built with transformers + torch, offline.
 
 `make_hf_checkpoint(tmp_path, family="qwen2", **overrides)` writes config.json, model.safetensors,
 generation_config.json and a small word-level tokenizer (with a chat template and eos/pad
@@ -51,14 +51,16 @@ def make_hf_checkpoint(
     tmp_path: pathlib.Path, family: str = "qwen2", *, seed: int = 0, weight_std: float = 0.1,
     name: str | None = None, **overrides: Any,
 ) -> pathlib.Path:
-    """Writes a random tiny `family` ("qwen2" | "llama" | "qwen3") checkpoint; `overrides` go to the HF config.
+    """Writes a random tiny `family` ("qwen2" | "llama" | "qwen3" | "gemma3_text") checkpoint; `overrides`
+    go to the HF config.
 
-    All weights (biases included) are drawn normal(0, weight_std) and norm scales 1 + normal(0, 0.1),
-    so that biases and norms matter and greedy argmax is not decided by rounding noise.
+    All weights (biases included) are drawn normal(0, weight_std) and norm scales 1 + normal(0, 0.1)
+    (Gemma's weights normal(0, 0.1): its scale is 1 + weight), so that biases and norms matter and
+    greedy argmax is not decided by rounding noise.
     """
     import torch
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     tokenizer = make_tokenizer()
     kwargs = dict(_DEFAULTS)
@@ -73,6 +75,8 @@ def make_hf_checkpoint(
         config, model_cls = LlamaConfig(**kwargs), LlamaForCausalLM
     elif family == "qwen3":
         config, model_cls = Qwen3Config(**kwargs), Qwen3ForCausalLM
+    elif family == "gemma3_text":
+        config, model_cls = Gemma3TextConfig(**kwargs), Gemma3ForCausalLM
     else:
         raise ValueError(f"unknown family {family!r}")
     torch.manual_seed(seed)
@@ -80,7 +84,7 @@ def make_hf_checkpoint(
     with torch.no_grad():
         for pname, param in model.named_parameters():
             if "norm" in pname:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+                param.copy_((0.0 if family == "gemma3_text" else 1.0) + 0.1 * torch.randn_like(param))
             else:
                 param.normal_(0.0, weight_std)
     folder = pathlib.Path(tmp_path) / (name or f"{family}-{seed}")

@@ -2,7 +2,10 @@
 
 `attend(q, k, v, mask, impl)`: q [B, KV, G, T, D] (G query heads per key/value head), k/v
 [B, KV, S, D]; query t sits in cache slot `mask.first_slot + t` and sees key slot s when
-`mask.key_mask[b, s]` (a real token) and s <= its own slot (causal). Returns [B, KV, G, T, D].
+`mask.key_mask[b, s]` (a real token) and s <= its own slot (causal), and, in a sliding-window
+layer (`mask.window`, a per-layer value the layer scan passes in), s > its own slot - window.
+Scores are q . k * `scale`, optionally soft-capped (`softcap`: c * tanh(score / c)) before the
+mask. Returns [B, KV, G, T, D].
 
 - `xla`: the scores [B, KV, G, T, S] made whole (the fastest for short rows on CPU; kept for the
   backward pass, so O(T*S) memory per layer).
@@ -10,8 +13,10 @@
   recomputes each block's probabilities from the saved row maxima and sums (flash attention's algorithm), so
   neither pass keeps more than [T, block] scores. Any backend.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only; the mask goes in as a
-  [B, 1, T, S] boolean built once per forward pass and shared by the layers.
+  [B, 1, T, S] boolean built once per forward pass and shared by the layers (the window, if any,
+  applied per layer). No soft-capping.
 - `pallas`: the TPU splash-attention kernel (`jax.experimental.pallas.ops.tpu`); see `pallas_tpu.py`.
+  Its mask is static, so no per-layer window and no soft-capping: `auto` picks blockwise then.
 
 Fully masked query rows (left padding) see a uniform softmax in `xla` and `blockwise` alike (finite
 mask value, no NaN); their outputs are never read by real tokens. `decode_attention` is the
@@ -40,19 +45,24 @@ class Mask(NamedTuple):
 
     key_mask: Array  # [B, S] bool
     first_slot: Array | int  # slot of query 0 (or [B], one per row); a NumPy int when known at trace time (the pallas kernel needs it)
-    dense: Array | None = None  # allowed(T) made once per forward pass, outside the layer loop
+    dense: Array | None = None  # allowed(T) without the window, made once per forward pass, outside the layer loop
+    window: Array | int | None = None  # this layer's sliding window (int32 scalar); None: no layer has one
+
+    def query_slots(self, t: int) -> Array:
+        """[B or 1, T] int32: the cache slot of each query."""
+        if jnp.ndim(self.first_slot) == 1:  # a slot per row (the decode engine's)
+            return self.first_slot[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        return (jnp.arange(t, dtype=jnp.int32) + self.first_slot)[None]  # (a NumPy scalar on the left would not take a tracer)
 
     def allowed(self, t: int) -> Array:
         """[B, T, S] bool: may query t see key slot s."""
+        slots = jnp.arange(self.key_mask.shape[1], dtype=jnp.int32)[None, None, :]
+        query_BxTx1 = self.query_slots(t)[:, :, None]
         if self.dense is not None and self.dense.shape[1] == t:
-            return self.dense
-        key_mask = self.key_mask
-        slots = jnp.arange(key_mask.shape[1])
-        if jnp.ndim(self.first_slot) == 1:  # a slot per row (the decode engine's)
-            query_slot_BxT = self.first_slot[:, None] + jnp.arange(t)[None, :]
-            return key_mask[:, None, slots] & (slots[None, None, :] <= query_slot_BxT[:, :, None])
-        query_slot = jnp.arange(t) + self.first_slot  # (a NumPy scalar on the left would not take a tracer)
-        return key_mask[:, None, slots] & (slots[None, None, :] <= query_slot[None, :, None])
+            base = self.dense
+        else:
+            base = self.key_mask[:, None, :] & (slots <= query_BxTx1)
+        return base if self.window is None else base & (slots > query_BxTx1 - self.window)
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,10 +77,13 @@ def cudnn_version() -> int | None:
         return None
 
 
-def resolve(impl: str, platform: str, t: int = 0, s: int = 0, dtype=jnp.bfloat16) -> str:
+def resolve(impl: str, platform: str, t: int = 0, s: int = 0, dtype=jnp.bfloat16, *, windowed: bool = False,
+            softcap: bool = False) -> str:
     """The implementation `auto` stands for on `platform` ('cpu', 'gpu'/'cuda', 'tpu') at [T, S].
 
-    GPU: cuDNN's kernel when it can be used (16-bit activations, cuDNN present), else blockwise."""
+    GPU: cuDNN's kernel when it can be used (16-bit activations, cuDNN present, no soft-capping),
+    else blockwise. TPU: pallas, or blockwise for sliding-window layers or soft-capping, which its
+    static mask cannot express; asked for explicitly, those combinations raise ValueError."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention={impl!r}: expected one of {IMPLEMENTATIONS}")
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -79,43 +92,60 @@ def resolve(impl: str, platform: str, t: int = 0, s: int = 0, dtype=jnp.bfloat16
                          f"not {jnp.dtype(dtype)}")
     if impl == "cudnn" and cudnn_version() is None:
         raise ValueError("model.attention=cudnn: no cuDNN library on this machine (pip install 'jax[cuda12]')")
+    if impl == "cudnn" and softcap:
+        raise ValueError("model.attention=cudnn cannot soft-cap attention scores (attn_logit_softcapping); "
+                         "use blockwise or xla")
+    if impl == "pallas" and (windowed or softcap):
+        raise ValueError("model.attention=pallas supports neither sliding-window layers nor attention "
+                         "soft-capping (its mask is static); use blockwise")
     if impl != "auto":
         return impl
     if platform == "tpu":
-        return "pallas"
+        return "blockwise" if windowed or softcap else "pallas"
     if platform in ("gpu", "cuda"):
-        return "cudnn" if half and cudnn_version() is not None else "blockwise"
+        return "cudnn" if half and cudnn_version() is not None and not softcap else "blockwise"
     return "xla" if t * s <= CPU_XLA_MAX_PAIRS else "blockwise"
 
 
 def attend(q: Array, k: Array, v: Array, mask: Mask, impl: str = "xla", block: int = 512,
-           platform: str | None = None, mesh=None) -> Array:
-    """Causal attention of T queries over S keys; see the module docstring."""
+           platform: str | None = None, mesh=None, *, scale: float | None = None,
+           softcap: float | None = None) -> Array:
+    """Causal attention of T queries over S keys; see the module docstring. `scale` None: D ** -0.5."""
     t, s = q.shape[3], k.shape[2]
-    impl = resolve(impl, platform or jax.default_backend(), t, s, q.dtype)
+    impl = resolve(impl, platform or jax.default_backend(), t, s, q.dtype, windowed=mask.window is not None,
+                   softcap=softcap is not None)
     if impl == "xla":
-        return materialised(q, k, v, mask.allowed(t))
+        return materialised(q, k, v, mask.allowed(t), scale, softcap)
     if impl == "blockwise":
-        return blockwise(q, k, v, mask.key_mask, jnp.arange(t, dtype=jnp.int32) + mask.first_slot, block)
+        query_slot = jnp.arange(t, dtype=jnp.int32) + mask.first_slot
+        return blockwise(q, k, v, mask.key_mask, query_slot, block, mask.window, scale, softcap)
     if impl == "cudnn":
-        return _cudnn(q, k, v, mask)
+        return _cudnn(q, k, v, mask, scale)
     from ktae_jax.models.pallas_tpu import splash_on_mesh
 
-    return splash_on_mesh(q, k, v, mask, mesh)
+    return splash_on_mesh(q, k, v, mask, mesh, scale=scale)
 
 
-def materialised(q: Array, k: Array, v: Array, allowed_BxTxS: Array) -> Array:
+def _cap(scores: Array, softcap: float | None) -> Array:
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
+
+
+def materialised(q: Array, k: Array, v: Array, allowed_BxTxS: Array, scale: float | None = None,
+                 softcap: float | None = None) -> Array:
     """The reference: softmax of the whole [T, S] score matrix per head."""
     dt, d = q.dtype, q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
-    scores = jnp.where(allowed_BxTxS[:, None, None], scores * (d**-0.5), MASKED)
+    scores = jnp.where(allowed_BxTxS[:, None, None], _cap(scores * scale, softcap), MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     return jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dt))
 
 
-def decode_attention(q: Array, k: Array, v: Array, mask: Mask) -> Array:
-    """One new query per row (the sampler's decode step) over every slot of the cache."""
-    return materialised(q, k, v, mask.allowed(q.shape[3]))
+def decode_attention(q: Array, k: Array, v: Array, mask: Mask, scale: float | None = None,
+                     softcap: float | None = None) -> Array:
+    """One new query per row (the sampler's decode step) over every slot of the cache (a
+    sliding-window layer's mask leaves out the slots before its window)."""
+    return materialised(q, k, v, mask.allowed(q.shape[3]), scale, softcap)
 
 
 # ---------------------------------------------------------------------- blockwise (flash) attention
@@ -131,17 +161,19 @@ def _blocks(k: Array, v: Array, key_mask: Array, block: int):
     return k, v, km, slots, s
 
 
-def _block_scores(q, k_blk, km_blk, slots_blk, query_slot, s_real):
-    """Scaled, masked scores [B, KV, G, T, block] (float32) and the allowed pattern [B, 1, 1, T, block]."""
-    d = q.shape[-1]
+def _block_scores(q, k_blk, km_blk, slots_blk, query_slot, s_real, window, scale, softcap):
+    """Scaled, capped, masked scores [B, KV, G, T, block] (float32) and the allowed pattern [B, 1, 1, T, block]."""
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k_blk.astype(q.dtype), preferred_element_type=jnp.float32)
-    allowed = (km_blk[:, None, :] & (slots_blk[None, None, :] <= query_slot[None, :, None]))[:, None, None]
-    scores = jnp.where(allowed, scores * (d**-0.5), MASKED)
+    causal = slots_blk[None, :] <= query_slot[:, None]  # [T, block]
+    if window is not None:
+        causal = causal & (slots_blk[None, :] > query_slot[:, None] - window)
+    allowed = (km_blk[:, None, :] & causal[None])[:, None, None]
+    scores = jnp.where(allowed, _cap(scores * scale, softcap), MASKED)
     # Slots past the real S (block padding) do not exist: weight exactly 0 even in fully masked rows.
     return jnp.where(slots_blk < s_real, scores, -jnp.inf), allowed
 
 
-def _forward(q, k, v, key_mask, query_slot, block):
+def _forward(q, k, v, key_mask, query_slot, block, window, scale, softcap):
     kb, vb, kmb, slots, s_real = _blocks(k, v, key_mask, block)
     b, kv, g, t, d = q.shape
     init = (jnp.full((b, kv, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, kv, g, t), jnp.float32),
@@ -150,7 +182,7 @@ def _forward(q, k, v, key_mask, query_slot, block):
     def step(carry, blk):
         m, l, acc = carry
         k_blk, v_blk, km_blk, slots_blk = blk
-        scores, _ = _block_scores(q, k_blk, km_blk, slots_blk, query_slot, s_real)
+        scores, _ = _block_scores(q, k_blk, km_blk, slots_blk, query_slot, s_real, window, scale, softcap)
         m_new = jnp.maximum(m, scores.max(-1))  # finite after the first block: it holds a real slot
         p = jnp.exp(scores - m_new[..., None])
         alpha = jnp.exp(m - m_new)
@@ -163,19 +195,33 @@ def _forward(q, k, v, key_mask, query_slot, block):
     return (acc / l[..., None]).astype(q.dtype), (m, l)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def blockwise(q: Array, k: Array, v: Array, key_mask: Array, query_slot: Array, block: int = 512) -> Array:
-    """Flash attention in pure JAX: q [B, KV, G, T, D], k/v [B, KV, S, D], key_mask [B, S], query_slot [T]."""
-    return _forward(q, k, v, key_mask, query_slot, block)[0]
+def blockwise(q: Array, k: Array, v: Array, key_mask: Array, query_slot: Array, block: int = 512,
+              window: Array | int | None = None, scale: float | None = None, softcap: float | None = None) -> Array:
+    """Flash attention in pure JAX: q [B, KV, G, T, D], k/v [B, KV, S, D], key_mask [B, S], query_slot [T];
+    `window` (an int32 scalar, may be traced): keys in slots > query slot - window only."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if window is None:
+        return _blockwise(q, k, v, key_mask, query_slot, block, scale, softcap)
+    return _blockwise_windowed(q, k, v, key_mask, query_slot, jnp.asarray(window, jnp.int32), block, scale, softcap)
 
 
-def _blockwise_fwd(q, k, v, key_mask, query_slot, block):
-    out, stats = _forward(q, k, v, key_mask, query_slot, block)
-    return out, (q, k, v, key_mask, query_slot, out, stats)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _blockwise(q, k, v, key_mask, query_slot, block, scale, softcap):
+    return _forward(q, k, v, key_mask, query_slot, block, None, scale, softcap)[0]
 
 
-def _blockwise_bwd(block, res, d_out):
-    q, k, v, key_mask, query_slot, out, (m, l) = res
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _blockwise_windowed(q, k, v, key_mask, query_slot, window, block, scale, softcap):
+    return _forward(q, k, v, key_mask, query_slot, block, window, scale, softcap)[0]
+
+
+def _blockwise_fwd(q, k, v, key_mask, query_slot, block, scale, softcap, window=None):
+    out, stats = _forward(q, k, v, key_mask, query_slot, block, window, scale, softcap)
+    return out, (q, k, v, key_mask, query_slot, window, out, stats)
+
+
+def _blockwise_bwd(block, scale, softcap, res, d_out):
+    q, k, v, key_mask, query_slot, window, out, (m, l) = res
     kb, vb, kmb, slots, s_real = _blocks(k, v, key_mask, block)
     dt, d = q.dtype, q.shape[-1]
     do = d_out.astype(jnp.float32)
@@ -183,11 +229,14 @@ def _blockwise_bwd(block, res, d_out):
 
     def step(dq, blk):
         k_blk, v_blk, km_blk, slots_blk = blk
-        scores, allowed = _block_scores(q, k_blk, km_blk, slots_blk, query_slot, s_real)
+        scores, allowed = _block_scores(q, k_blk, km_blk, slots_blk, query_slot, s_real, window, scale, softcap)
         p = jnp.exp(scores - m[..., None]) / l[..., None]
         dv = jnp.einsum("bkgts,bkgtd->bksd", p, do)
         dp = jnp.einsum("bkgtd,bksd->bkgts", do, v_blk.astype(jnp.float32))
-        ds = jnp.where(allowed, p * (dp - delta[..., None]), 0.0) * (d**-0.5)  # masked scores are constants
+        ds = p * (dp - delta[..., None])
+        if softcap is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2, tanh = the capped score / c
+            ds = ds * (1.0 - jnp.square(jnp.where(allowed, scores, 0.0) / softcap))
+        ds = jnp.where(allowed, ds, 0.0) * scale  # masked scores are constants
         dq = dq + jnp.einsum("bkgts,bksd->bkgtd", ds, k_blk.astype(jnp.float32))
         dk = jnp.einsum("bkgts,bkgtd->bksd", ds, q.astype(jnp.float32))
         return dq, (dk, dv)
@@ -195,20 +244,26 @@ def _blockwise_bwd(block, res, d_out):
     dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), (kb, vb, kmb, slots))
     unblock = lambda x: x.transpose(1, 2, 0, 3, 4).reshape(k.shape[0], k.shape[1], -1, d)[:, :, :s_real]  # noqa: E731
     zero_int = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
-    return (dq.astype(dt), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype),
-            zero_int(key_mask), zero_int(query_slot))
+    grads = (dq.astype(dt), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype),
+             zero_int(key_mask), zero_int(query_slot))
+    return grads if window is None else grads + (zero_int(window),)
 
 
-blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+def _windowed_fwd(q, k, v, key_mask, query_slot, window, block, scale, softcap):
+    return _blockwise_fwd(q, k, v, key_mask, query_slot, block, scale, softcap, window)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+_blockwise_windowed.defvjp(_windowed_fwd, _blockwise_bwd)
 
 
 # ---------------------------------------------------------------------- cuDNN (GPU)
-def _cudnn(q: Array, k: Array, v: Array, mask: Mask) -> Array:
-    """cuDNN's fused attention; left padding and the cache offset go in as a boolean mask."""
+def _cudnn(q: Array, k: Array, v: Array, mask: Mask, scale: float | None = None) -> Array:
+    """cuDNN's fused attention; left padding, the cache offset and the window go in as a boolean mask."""
     b, kv, g, t, d = q.shape
     q_bthd = q.reshape(b, kv * g, t, d).transpose(0, 2, 1, 3)
     out = jax.nn.dot_product_attention(
         q_bthd, k.transpose(0, 2, 1, 3).astype(q.dtype), v.transpose(0, 2, 1, 3).astype(q.dtype),
-        mask=mask.allowed(t)[:, None], implementation="cudnn",
+        mask=mask.allowed(t)[:, None], scale=scale, implementation="cudnn",
     )
     return out.transpose(0, 2, 1, 3).reshape(b, kv, g, t, d)

@@ -50,6 +50,10 @@ def _param_map(cfg: ModelConfig) -> list[ParamEntry]:
         (m + ("up",), "mlp.up_proj.weight", "linear"),
         (m + ("down",), "mlp.down_proj.weight", "linear"),
     ]
+    if cfg.spec.sandwich_norms:  # Gemma: HF's post_attention_layernorm is the attention output's norm
+        per_layer[1] = (("layers", "post_attn_norm", "weight"), "pre_feedforward_layernorm.weight", "copy")
+        per_layer += [(("layers", "attn_out_norm", "weight"), "post_attention_layernorm.weight", "copy"),
+                      (("layers", "mlp_out_norm", "weight"), "post_feedforward_layernorm.weight", "copy")]
     if cfg.spec.qk_norm:
         per_layer += [(a + (f"{n}_norm", "weight"), f"self_attn.{n}_norm.weight", "copy") for n in "qk"]
     if cfg.qkv_bias:

@@ -42,7 +42,8 @@ def _kernel(heads: int, t: int, s: int, offset: int, interpret: bool):
         return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *, interpret: bool = False) -> jax.Array:
+def splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *, interpret: bool = False,
+           scale: float | None = None) -> jax.Array:
     """q [B, KV, G, T, D], k/v [B, KV, S, D] -> [B, KV, G, T, D] (see the module docstring)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
@@ -59,7 +60,9 @@ def splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *, interpret: b
     q_seg = jax.lax.dynamic_slice_in_dim(key_mask, offset, t, axis=1).astype(jnp.int32)
     q_seg = jnp.pad(q_seg, ((0, 0), (0, tp - t)), constant_values=2)
     kv_seg = jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, sp - s_used)), constant_values=2)
-    scale = d**-0.5  # the kernel does not scale; zero-padding D must not change the scale either
+    if mask.window is not None:  # `attention.resolve` keeps windowed layers away; a direct call must not slip
+        raise ValueError("the splash kernel's mask is static: no sliding-window layers")
+    scale = d**-0.5 if scale is None else scale  # the kernel does not scale; zero-padding D must not change it
     qh = jnp.pad((q * scale).astype(q.dtype).reshape(b, kv * g, t, d), ((0, 0), (0, 0), (0, tp - t), (0, dp - d)))
     pad_kv = lambda x: jnp.pad(  # noqa: E731
         x[:, :, :s_used].astype(q.dtype), ((0, 0), (0, 0), (0, sp - s_used), (0, dp - d)))
@@ -70,11 +73,12 @@ def splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *, interpret: b
 
 
 
-def splash_on_mesh(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, mesh=None) -> jax.Array:
+def splash_on_mesh(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, mesh=None, *,
+                   scale: float | None = None) -> jax.Array:
     """`splash` on a device mesh: a Mosaic kernel is not partitioned by XLA, so each device runs it
     on its own rows (batch split) and key/value heads (tensor split) under `shard_map`."""
     if mesh is None or mesh.size == 1:
-        return splash(q, k, v, mask)
+        return splash(q, k, v, mask, scale=scale)
     from jax.sharding import PartitionSpec as P
 
     from ktae_jax.mesh import logical_to_spec
@@ -84,7 +88,7 @@ def splash_on_mesh(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, mesh=No
     first_slot = int(mask.first_slot) if not isinstance(mask.first_slot, jax.core.Tracer) else mask.first_slot
 
     def local(q, k, v, key_mask):
-        return splash(q, k, v, Mask(key_mask, first_slot))
+        return splash(q, k, v, Mask(key_mask, first_slot, window=mask.window), scale=scale)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, heads), P(rows, heads), P(rows, heads), P(rows)),
                          out_specs=P(rows, heads), check_vma=False)(q, k, v, mask.key_mask)

@@ -1,4 +1,4 @@
-"""The Qwen2 / Llama / Qwen3 decoder in Flax NNX (family differences: `families.py`), with a KV cache for decoding.
+"""The Qwen2 / Llama / Qwen3 / Gemma 3 decoder in Flax NNX (family differences: `families.py`), with a KV cache.
 
 Letters in names: B batch, T new tokens, S cache slots (keys), E hidden, H query heads,
 KV key/value heads, G = H / KV query heads per kv head, D head dim, F MLP width, V vocabulary,
@@ -11,6 +11,8 @@ axis names as the `logical_axes` metadata, which `ktae_jax.mesh` maps onto devic
 The layers' weights are stacked ([L, ...], logical axis "layers") and the stack runs as one
 `lax.scan` (`ModelOptions.scan_layers`; unrolled otherwise), so compile time does not grow with
 depth; each layer's body is rematerialised by `ModelOptions.remat`. The cache is `[L, B, KV, S, D]`.
+What differs between layers (Gemma 3: a sliding window, a rope table) goes into the scan as
+per-layer inputs beside the weights, so one traced body serves every layer.
 """
 
 from __future__ import annotations
@@ -85,15 +87,23 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str | Non
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, size: int, eps: float, *, param_dtype, layers: int | None = None):
-        self.weight = _param(None, (size,), ("norm",), param_dtype, "ones", layers)
-        self.eps = eps
+    """`offset` (Gemma): the scale is 1 + weight (weights start at 0), applied in float32."""
+
+    def __init__(self, size: int, eps: float, *, param_dtype, layers: int | None = None, offset: bool = False):
+        self.weight = _param(None, (size,), ("norm",), param_dtype, "zeros" if offset else "ones", layers)
+        self.eps, self.offset = eps, offset
 
     def __call__(self, x: Array) -> Array:
-        # Normalise in float32, then scale in the input dtype, as Hugging Face does.
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:  # Gemma scales in float32, then rounds
+            return (x32 * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        # Normalise in float32, then scale in the input dtype, as Hugging Face does.
         return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def _norm(cfg: ModelConfig, size: int, param_dtype, layers: int | None = None) -> RMSNorm:
+    return RMSNorm(size, cfg.rms_norm_eps, param_dtype=param_dtype, layers=layers, offset=cfg.spec.norm_offset)
 
 
 def _rope(x: Array, cos: Array, sin: Array) -> Array:
@@ -108,6 +118,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs, layers: int | None = None):
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_kv, self.group, self.head_dim, self.dtype = kv, h // kv, d, dtype
+        self.scale, self.softcap = cfg.attention_scale, cfg.attn_logit_softcapping
         par = lambda shape, names, init="normal": _param(rngs, shape, names, param_dtype, init, layers)  # noqa: E731
         self.q = par((e, h, d), ("embed", "heads", "head_dim"))
         self.k = par((e, kv, d), ("embed", "kv_heads", "head_dim"))
@@ -118,9 +129,9 @@ class Attention(nnx.Module):
         self.k_bias = bias((kv, d), ("kv_heads", "head_dim"), cfg.qkv_bias)
         self.v_bias = bias((kv, d), ("kv_heads", "head_dim"), cfg.qkv_bias)
         self.o_bias = bias((e,), ("embed",), cfg.o_bias)
-        qk_norm = lambda: RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, layers=layers)  # noqa: E731
-        self.q_norm = qk_norm() if cfg.spec.qk_norm else None  # Qwen3: per head, before the rotary embedding
-        self.k_norm = qk_norm() if cfg.spec.qk_norm else None
+        # Qwen3, Gemma 3: per head, before the rotary embedding
+        self.q_norm = _norm(cfg, d, param_dtype, layers) if cfg.spec.qk_norm else None
+        self.k_norm = _norm(cfg, d, param_dtype, layers) if cfg.spec.qk_norm else None
 
     def __call__(
         self, x_BxTxE: Array, cos: Array, sin: Array, mask: attn_lib.Mask,
@@ -150,10 +161,10 @@ class Attention(nnx.Module):
             keys = _write_new(cache_kv[0], k, mask.first_slot)
             values = _write_new(cache_kv[1], v, mask.first_slot)
         if cache_kv is not None and t == 1:
-            out = attn_lib.decode_attention(q, keys, values, mask)
+            out = attn_lib.decode_attention(q, keys, values, mask, self.scale, self.softcap)
         else:
             out = attn_lib.attend(q, keys, values, mask, options.attention, options.attention_block,
-                                  options.platform or None, options.mesh)
+                                  options.platform or None, options.mesh, scale=self.scale, softcap=self.softcap)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, kv * g * d)
         y = constrain(out @ self.o[...].astype(dt).reshape(kv * g * d, e)).reshape(b, t, e)
         if self.o_bias is not None:
@@ -188,32 +199,46 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """One decoder layer; built with `layers=L`, it holds all L layers' weights stacked."""
+    """One decoder layer; built with `layers=L`, it holds all L layers' weights stacked.
+
+    `post_attn_norm` is the norm before the MLP (HF Llama's post_attention_layernorm, Gemma's
+    pre_feedforward_layernorm); Gemma's norms of the attention and MLP outputs are `attn_out_norm`
+    and `mlp_out_norm` (None for the other families)."""
 
     def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs, layers: int | None = None):
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, layers=layers)
+        e, sandwich = cfg.hidden_size, cfg.spec.sandwich_norms
+        self.input_norm = _norm(cfg, e, param_dtype, layers)
         self.attn = Attention(cfg, param_dtype=param_dtype, dtype=dtype, rngs=rngs, layers=layers)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, layers=layers)
+        self.attn_out_norm = _norm(cfg, e, param_dtype, layers) if sandwich else None
+        self.post_attn_norm = _norm(cfg, e, param_dtype, layers)
         self.mlp = MLP(cfg, param_dtype=param_dtype, dtype=dtype, rngs=rngs, layers=layers)
+        self.mlp_out_norm = _norm(cfg, e, param_dtype, layers) if sandwich else None
 
     def __call__(self, x, cos, sin, mask, cache_kv, options, constrain: Constrain = _unconstrained):
         y, kv = self.attn(self.input_norm(x), cos, sin, mask, cache_kv, options, constrain)
-        x = x + y
-        return x + self.mlp(self.post_attn_norm(x), constrain), kv
+        x = x + (y if self.attn_out_norm is None else self.attn_out_norm(y))
+        y = self.mlp(self.post_attn_norm(x), constrain)
+        return x + (y if self.mlp_out_norm is None else self.mlp_out_norm(y)), kv
 
 
 def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.Mask,
-                cache: KVCache | None, options: ModelOptions, constrain: Constrain) -> tuple[Array, KVCache | None]:
+                cache: KVCache | None, options: ModelOptions, constrain: Constrain,
+                per_layer: dict[str, np.ndarray] | None = None) -> tuple[Array, KVCache | None]:
     """The stacked layers over x [B, T, E]: a scan (or an unrolled loop) over the weights' first axis.
 
+    cos/sin [K, B, T, D/2]: K rotary tables; `per_layer` (Gemma 3) holds int32 [L] arrays scanned
+    beside the weights: "rope" (which table) and "window" (the layer's sliding window, `Mask.window`).
     With a cache, each layer reads its slice [B, KV, S, D] and only the new T slots are written
     back into the stacked [L, ...] arrays, which the loop carries (updated in place by XLA).
     """
     graphdef, params = nnx.split(layers)
     num_layers = jax.tree.leaves(params)[0].shape[0]
+    per_layer = {k: jnp.asarray(v) for k, v in (per_layer or {}).items()}
 
-    def one_layer(x, layer_params, cache_kv):
-        return nnx.merge(graphdef, layer_params)(x, cos, sin, mask, cache_kv, options, constrain)
+    def one_layer(x, layer_params, extra, cache_kv):
+        table = extra.get("rope", 0)  # one table: a static index
+        layer_mask = mask._replace(window=extra["window"]) if "window" in extra else mask
+        return nnx.merge(graphdef, layer_params)(x, cos[table], sin[table], layer_mask, cache_kv, options, constrain)
 
     if options.remat != "none":
         one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[options.remat],
@@ -221,16 +246,16 @@ def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.
 
     def body(carry, xs):
         x, ck, cv = carry
-        layer_params, i = xs
+        layer_params, i, extra = xs
         if ck is None:
-            return (one_layer(x, layer_params, None)[0], None, None), None
+            return (one_layer(x, layer_params, extra, None)[0], None, None), None
         take = lambda c: jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False)  # noqa: E731
-        x, (k, v) = one_layer(x, layer_params, (take(ck), take(cv)))
+        x, (k, v) = one_layer(x, layer_params, extra, (take(ck), take(cv)))
         put = lambda c, new: _write_new(c, new, mask.first_slot, i)  # noqa: E731
         return (x, put(ck, k), put(cv, v)), None
 
     carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
-    xs = (params, jnp.arange(num_layers, dtype=jnp.int32))
+    xs = (params, jnp.arange(num_layers, dtype=jnp.int32), per_layer)
     if options.scan_layers:
         carry, _ = jax.lax.scan(body, carry, xs)
     else:
@@ -249,7 +274,7 @@ class Transformer(nnx.Module):
         self.config, self.dtype, self.options = config, dtype, options
         self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype, "normal")
         self.layers = Block(config, param_dtype=param_dtype, dtype=dtype, rngs=rngs, layers=config.num_layers)
-        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.final_norm = _norm(config, config.hidden_size, param_dtype)
         self.lm_head = (
             None if config.tie_word_embeddings
             else _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype, "normal")
@@ -280,12 +305,17 @@ class Transformer(nnx.Module):
         attn_mask = attn_lib.Mask(key_mask, first_slot)
         attn_mask = attn_mask._replace(dense=attn_mask.allowed(t))
 
-        inv_freq = jnp.asarray(self.config.inv_freq(), jnp.float32)
-        angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+        inv_freqs = jnp.asarray(self.config.inv_freqs(), jnp.float32)  # [K, D/2]
+        angles = positions_BxT.astype(jnp.float32)[None, ..., None] * inv_freqs[:, None, None, :]
         cos, sin = jnp.cos(angles), jnp.sin(angles)
+        per_layer = {"rope": self.config.layer_rope(), "window": self.config.layer_windows()}
 
-        x = constrain(jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(self.dtype))
-        x, new_cache = _run_layers(self.layers, x, cos, sin, attn_mask, cache, self.options, constrain)
+        x = jnp.take(self.embed[...], input_ids_BxT, axis=0)
+        if self.config.spec.embed_scale:  # Gemma: sqrt(E) in the weights' dtype, as transformers rounds it
+            x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
+        x = constrain(x.astype(self.dtype))
+        x, new_cache = _run_layers(self.layers, x, cos, sin, attn_mask, cache, self.options, constrain,
+                                   {k: v for k, v in per_layer.items() if v is not None})
         x = self.final_norm(x)
         if cache is None:
             return x, None
@@ -297,7 +327,8 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden_BxTxE: Array) -> Array:
         w = self.output_embedding().astype(self.dtype)
-        return jnp.einsum("bte,ve->btv", hidden_BxTxE, w, preferred_element_type=jnp.float32)
+        return _softcap(jnp.einsum("bte,ve->btv", hidden_BxTxE, w, preferred_element_type=jnp.float32),
+                        self.config.final_logit_softcapping)
 
     def __call__(
         self, input_ids_BxT: Array, attention_mask: Array | None = None, *,
@@ -315,12 +346,17 @@ def init_random(config: ModelConfig, *, seed: int = 0, dtype=jnp.float32, comput
     return Transformer(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(params=seed), options=options)
 
 
+def _softcap(logits: Array, cap: float | None) -> Array:
+    """Gemma's final soft-capping, c * tanh(logits / c) (before any temperature)."""
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
 def _chunk_logprobs(h_BxCxE: Array, w_VxE: Array, targets_BxC: Array, temperature: float,
-                    constrain: Constrain) -> tuple[Array, Array]:
+                    constrain: Constrain, softcap: float | None = None) -> tuple[Array, Array]:
     b, c, e = h_BxCxE.shape  # 2-D matmul: a faster weight gradient on CPU (see MLP)
     logits = constrain(jnp.einsum("ne,ve->nv", constrain(h_BxCxE.reshape(b * c, e)), w_VxE,
                                   preferred_element_type=jnp.float32))
-    logits = logits.reshape(b, c, -1) / temperature
+    logits = _softcap(logits.reshape(b, c, -1), softcap) / temperature
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets_BxC[..., None], axis=-1)[..., 0]
     entropy = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
@@ -343,7 +379,8 @@ def _head_logprobs(model: Transformer, h_prev_BxNxE: Array, targets_BxN: Array, 
     h_chunks = h_prev.reshape(b, num_chunks, chunk, -1).swapaxes(0, 1)
     t_chunks = targets.reshape(b, num_chunks, chunk).swapaxes(0, 1)
     w = model.output_embedding().astype(model.dtype)
-    fn = jax.checkpoint(lambda args: _chunk_logprobs(args[0], w, args[1], temperature, constrain))
+    cap = model.config.final_logit_softcapping
+    fn = jax.checkpoint(lambda args: _chunk_logprobs(args[0], w, args[1], temperature, constrain, cap))
     logp, ent = jax.lax.map(fn, (h_chunks, t_chunks))
     return logp.swapaxes(0, 1).reshape(b, -1)[:, :n], ent.swapaxes(0, 1).reshape(b, -1)[:, :n]
 
