@@ -4,6 +4,7 @@ windowed / soft-capped attention kernels against a float64 oracle; config errors
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -15,7 +16,8 @@ from flax import nnx
 
 from _model_helpers import hf_logits, left_padded_batch, make_hf_checkpoint
 from ktae_jax.mesh import MeshConfig, batch_sharding, make_mesh
-from ktae_jax.models import ConfigError, ModelConfig, load_pretrained, response_logprobs, save_pretrained
+from ktae_jax.models import (ConfigError, ModelConfig, init_random, load_pretrained, response_logprobs,
+                             save_pretrained)
 from ktae_jax.models import attention as attn_lib
 from ktae_jax.models.config import ModelOptions
 from ktae_jax.sample import SamplingConfig, sample
@@ -175,6 +177,10 @@ def test_config_reading_and_refusals():
     assert cfg.layer_types == (S,) * 5 + (F, S) and cfg.sliding_window == 4096 and cfg.tie_word_embeddings
     assert (cfg.rope_theta, cfg.rope_local_theta, cfg.query_pre_attn_scalar) == (1e6, 1e4, 256)
     assert cfg.hidden_act == "gelu_pytorch_tanh" and ModelConfig.from_hf(cfg.to_hf()) == cfg
+    tiny = init_random(dataclasses.replace(cfg, num_layers=2, layer_types=(S, F)))
+    _, params = nnx.split(tiny, nnx.Param)
+    assert tiny.config.num_params == sum(x.size for x in jax.tree.leaves(params))
+    assert float(jnp.abs(tiny.layers.mlp_out_norm.weight[...]).max()) == 0  # (1 + w) norms start at w = 0
     nested = ModelConfig.from_hf({**base, "rope_parameters": {
         F: {"rope_type": "linear", "factor": 8.0, "rope_theta": 5e5}, S: {"rope_type": "default", "rope_theta": 50.0}}})
     assert (nested.rope_theta, nested.rope_scaling, nested.rope_local_theta) == (5e5, (("factor", 8.0), ("rope_type", "linear")), 50.0)

@@ -1,4 +1,4 @@
-"""Qwen2 / Llama / Qwen3 decoders in Flax NNX, loaded from and saved to Hugging Face checkpoint folders."""
+"""Qwen2 / Llama / Qwen3 / Gemma 3 (text) decoders in Flax NNX, loaded from and saved to Hugging Face checkpoint folders."""
 
 from ktae_jax.models.config import ConfigError, ModelConfig, ModelOptions
 from ktae_jax.models.hf_io import CheckpointError, eos_token_ids, load_pretrained, load_tokenizer, save_pretrained
