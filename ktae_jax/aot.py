@@ -209,17 +209,27 @@ def compile_only(cfg: TrainConfig, target_name: str, programs: tuple[str, ...] =
     return {"target": target.name, "devices": len(target.devices), "usable_bytes": target.usable_bytes,
             "fits": all(p["fits"] for p in results.values()), "programs": results,
             "description": target.description, "memory_note": target.memory_note,
-            "model": model_summary(cfg, target.platform),
+            "model": model_summary(cfg, target.platform, _model_config(cfg)),
             "mesh": dict(zip(mesh.axis_names, map(int, mesh.devices.shape))),
             "state_bytes": per_device_bytes(run.state)}
 
 
-def model_summary(cfg: TrainConfig, platform: str) -> str:
-    """How the compiled model computes: attention kernel (as `auto` resolves on the target), remat."""
+def _model_config(cfg: TrainConfig):
+    from ktae_jax.plan import model_config_for
+
+    return model_config_for(cfg.model.path)[0]
+
+
+def model_summary(cfg: TrainConfig, platform: str, model_cfg=None) -> str:
+    """How the compiled model computes: attention kernel (as `auto` resolves on the target for this
+    model: sliding-window layers (Gemma 3) keep TPU off the splash kernel), remat."""
     from ktae_jax.models.attention import resolve
 
     seq = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
-    attention = resolve(cfg.model.attention, platform, seq, seq, jnp.dtype(cfg.model.compute_dtype))
+    windowed = model_cfg is not None and model_cfg.layer_windows() is not None
+    softcap = model_cfg is not None and model_cfg.attn_logit_softcapping is not None
+    attention = resolve(cfg.model.attention, platform, seq, seq, jnp.dtype(cfg.model.compute_dtype),
+                        windowed=windowed, softcap=softcap)
     note = ""
     scanned = cfg.model.scan_layers if cfg.model.scan_layers is not None else platform != "cpu"
     if cfg.model.attention == "auto" and platform == "gpu" and attention != "cudnn":

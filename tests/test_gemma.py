@@ -5,6 +5,7 @@ windowed / soft-capped attention kernels against a float64 oracle; config errors
 from __future__ import annotations
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,8 @@ import torch
 from flax import nnx
 
 from _model_helpers import hf_logits, left_padded_batch, make_hf_checkpoint
+from ktae_jax import aot
+from ktae_jax.config import load_config
 from ktae_jax.mesh import MeshConfig, batch_sharding, make_mesh
 from ktae_jax.models import (ConfigError, ModelConfig, init_random, load_pretrained, response_logprobs,
                              save_pretrained)
@@ -185,6 +188,8 @@ def test_config_reading_and_refusals():
     nested = ModelConfig.from_hf({**base, "rope_parameters": {
         F: {"rope_type": "linear", "factor": 8.0, "rope_theta": 5e5}, S: {"rope_type": "default", "rope_theta": 50.0}}})
     assert (nested.rope_theta, nested.rope_scaling, nested.rope_local_theta) == (5e5, (("factor", 8.0), ("rope_type", "linear")), 50.0)
+    with pytest.raises(ConfigError, match="model_type 'gemma3' .multimodal"):
+        ModelConfig.from_hf({**base, "model_type": "gemma3"})
     with pytest.raises(ConfigError, match="use_bidirectional_attention"):
         ModelConfig.from_hf({**base, "use_bidirectional_attention": True})
     with pytest.raises(ConfigError, match="attn_logit_softcapping=50.0: not supported for gemma3_text"):
@@ -198,3 +203,6 @@ def test_config_reading_and_refusals():
         attn_lib.resolve("pallas", "tpu", windowed=True)
     assert attn_lib.resolve("auto", "tpu", 4096, 4096, windowed=True) == "blockwise"
     assert attn_lib.resolve("auto", "tpu", 4096, 4096) == "pallas"
+    train_cfg = load_config([pathlib.Path(__file__).resolve().parents[1] / "configs/tiny.yaml"], [])
+    assert aot.model_summary(train_cfg, "tpu", cfg).startswith("attention blockwise (auto)")  # --compile-only's report
+    assert aot.model_summary(train_cfg, "tpu").startswith("attention pallas (auto)")

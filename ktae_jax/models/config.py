@@ -195,6 +195,9 @@ class ModelConfig:
         """Reads a Hugging Face config.json dict; unsupported settings raise ConfigError naming the key."""
 
         family = hf.get("model_type")
+        if family == "gemma3":
+            raise ConfigError("model_type 'gemma3' (multimodal Gemma 3, Gemma3ForConditionalGeneration) is not "
+                              "supported; text-only 'gemma3_text' folders (Gemma3ForCausalLM) are")
         if family not in SUPPORTED_FAMILIES:
             raise ConfigError(f"model_type {family!r} is not supported (expected one of {SUPPORTED_FAMILIES})")
         spec = FAMILIES[family]
