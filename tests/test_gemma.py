@@ -151,7 +151,8 @@ def _oracle(q, k, v, key_mask, first, window, scale, cap):
 @pytest.mark.parametrize("window,cap", [(3, None), (5, 1.5), (None, 1.5)])
 def test_windowed_softcapped_attention_kernels(window, cap):
     """xla and blockwise (forward and its hand-written backward) with a window and soft-capping, queries
-    after a cache offset (first slot 2), left padding: against the float64 oracle and autodiff."""
+    after a cache offset (first slot 2), left padding: against the float64 oracle and autodiff; the
+    cuDNN path's call (run by XLA here) without soft-capping."""
     rng = np.random.default_rng(5)
     b, kv, g, t, s, d, first, scale = 2, 2, 2, 7, 9, 8, 2, 0.3
     q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in
@@ -164,7 +165,9 @@ def test_windowed_softcapped_attention_kernels(window, cap):
     query_slot = jnp.arange(t, dtype=jnp.int32) + first
     xla = lambda q, k, v: attn_lib.materialised(q, k, v, mask.allowed(t), scale, cap)  # noqa: E731
     flash = lambda q, k, v: attn_lib.blockwise(q, k, v, mask.key_mask, query_slot, 4, mask.window, scale, cap)  # noqa: E731
-    for fn in (xla, flash):
+    # The cuDNN path's call (its mask and scale), run by XLA: no soft-capping there.
+    same_call = lambda q, k, v: attn_lib._cudnn(q, k, v, mask, scale, implementation="xla")  # noqa: E731
+    for fn in (xla, flash) + ((same_call,) if cap is None else ()):
         np.testing.assert_allclose(np.asarray(fn(q, k, v)).transpose(0, 3, 1, 2, 4)[live],
                                    want.transpose(0, 3, 1, 2, 4)[live], atol=1e-5)
     w = jnp.asarray(rng.standard_normal(q.shape) * live[:, None, None, :, None], jnp.float32)

@@ -258,12 +258,13 @@ _blockwise_windowed.defvjp(_windowed_fwd, _blockwise_bwd)
 
 
 # ---------------------------------------------------------------------- cuDNN (GPU)
-def _cudnn(q: Array, k: Array, v: Array, mask: Mask, scale: float | None = None) -> Array:
-    """cuDNN's fused attention; left padding, the cache offset and the window go in as a boolean mask."""
+def _cudnn(q: Array, k: Array, v: Array, mask: Mask, scale: float | None = None, implementation: str = "cudnn") -> Array:
+    """cuDNN's fused attention; left padding, the cache offset and the window go in as a boolean mask.
+    (`implementation="xla"`: the same call on any backend, which the tests use to check what goes in.)"""
     b, kv, g, t, d = q.shape
     q_bthd = q.reshape(b, kv * g, t, d).transpose(0, 2, 1, 3)
     out = jax.nn.dot_product_attention(
         q_bthd, k.transpose(0, 2, 1, 3).astype(q.dtype), v.transpose(0, 2, 1, 3).astype(q.dtype),
-        mask=mask.allowed(t)[:, None], scale=scale, implementation="cudnn",
+        mask=mask.allowed(t)[:, None], scale=scale, implementation=implementation,
     )
     return out.transpose(0, 2, 1, 3).reshape(b, kv, g, t, d)
