@@ -1,105 +1,75 @@
-"""Does KTAE help on the tiny task? GRPO vs GRPO+KTAE over several seeds, and a control that spends
-the same compute on more supervised training, all from the shipped tiny base.
+"""Does KTAE help? GRPO vs GRPO+KTAE, paired over seeds, on tiny tasks decided mid-response (issue 17).
 
-For each seed: GRPO and GRPO+KTAE runs of `configs/tiny.yaml` (run.seed and data.shuffle_seed =
-the seed), and the control: `ktae-pretrain` continued from the base with fresh teacher data for
-as many steps as fit in the mean RL wall time. Every final policy is evaluated on the demo's
-held-out problems (greedy, and one temperature-1 sample per problem). Prints mean and spread
-per recipe and writes every figure to `<out>/study.json`.
+DESIGN AND HYPOTHESES (written and committed before any run of this study; not tuned afterwards)
+=================================================================================================
 
-    .venv/bin/python benchmarks/tiny_ktae_study.py [--seeds 3] [--steps N] [--held-out 1000] [--quick]
+Why new tasks. On the shipped tiny task the first response token ("Sum:" / "Guess:") decides the
+style; sequence-level GRPO credits that token well, and the earlier 3-seed study could not tell
+the methods apart (spread 0.09-0.13). The paper's claim is that token-level credit helps where
+the deciding tokens are somewhere inside the response. So the study uses two variants
+(`ktae_jax/tiny/variants.py`), each with its own base trained exactly like the shipped one
+(`PretrainConfig` defaults, seed 0, on that variant's teacher data; `ktae_jax/tiny/bases/`):
+
+  late   3 terms; a common prefix (the first partial sum) THEN the choice: write the last partial
+         sum (teacher always right) or "Guess:" the total (teacher wrong half the time). One
+         decision, made at the 7th-8th response token.
+  steps  4 terms; at each of the 3 running sums the choice between writing the addition out
+         (verbose, always right) and jumping with "~" (terse, wrong half the time; errors carry).
+         Three decisions spread through the response; verbose = reliable, terse = unreliable.
+
+Arms (every arm starts from the variant's base):
+  GRPO          configs/tiny.yaml's recipe: 16 prompts x 8 rollouts per step, temperature 1,
+                reward 1/0 (exact `\\boxed{}` answer), GRPO z-score advantage, token-mean loss,
+                no KL, AdamW lr 3e-4 (b2 0.999, no weight decay), clip-by-norm 1, one on-policy
+                update per batch (so the clipped surrogate's gradient is the policy gradient).
+  KTAE (released) GRPO + KTAE key scores at the released runs' values (shared/KTAE_SPEC.md,
+                configs/paper/parts/ktae.yaml): alpha = beta = gamma = top = 1, k1 = 2, b = 0.5,
+                zero_fisher_at_p1, pad and EOS ignored.
+  KTAE (beta=2) the one other setting, named in advance: beta = 2 (the information-gain weight the
+                paper's launch scripts pass as beta_ig=2.0, which the released code never reads);
+                everything else as released.
+  SFT control   the same compute spent on supervised training instead: from the base, fresh
+                teacher data (seed 1000 + seed), batch 64, AdamW lr 3e-4, for as many steps as
+                cost the CPU time of that seed's GRPO run (process CPU seconds, evaluations and
+                compilation excluded).
+All RL arms share the compiled functions; ktae_jax's own sampler (`sample.sample_jit`),
+advantages (`advantages.token_advantages`, KTAE from `ktae.py`) and log-probs
+(`models.token_logprobs`) do the work; the loop here only strings them together.
+
+Pairing. Seeds 0-9 (n = 10 per task and arm). The seed fixes the stream of training prompts
+(identical for every arm at every step) and the sampling keys, so each KTAE run is paired with
+the GRPO run of the same seed. Held-out: 1,000 test-split problems per task (a fixed draw, the
+same for every run); the test split is never used for training data.
+
+Measurements. Held-out accuracy at temperature 1 (one sample per problem, sampling key fixed
+per (seed, step), the same for every arm) every `--eval-every` steps including step 0 (the
+base) = the learning curve; its area (trapezoid, normalised by the number of steps: the mean
+accuracy over training, i.e. sample efficiency). At the last step also greedy accuracy, mean
+response length (tokens incl. EOS, greedy and T=1) and the mean number of shortcuts taken.
+
+Primary endpoint, per task: final held-out accuracy at T=1, paired difference KTAE(released) -
+GRPO, mean with 95% CI (paired t, 9 degrees of freedom). Secondary: the same for the AUC and for
+greedy accuracy, for KTAE(beta=2), lengths, and RL vs the SFT control.
+
+Hypotheses (the paper's claims, and our prior):
+  H1 KTAE(released) > GRPO in final accuracy on both tasks (paper). Our prior: no detectable
+     difference on `late` (one decision, as on the shipped task; GRPO's sequence-level credit of
+     a single choice is already right in expectation); KTAE ahead on `steps`, where a response
+     makes three choices and GRPO credits all of them with one reward while KTAE scores "~" by
+     its association with wrong answers in each group.
+  H2 KTAE(released) learns faster: AUC higher (paper: sample efficiency), on `steps` at least.
+  H3 KTAE gives shorter responses (paper). Here the only short responses are the unreliable
+     ones, so we expect both methods to LENGTHEN responses (drop shortcuts) and no shorter
+     responses from KTAE unless it also loses accuracy.
+  H4 Both RL arms beat the equal-compute SFT control (its teacher keeps taking shortcuts).
+  H5 KTAE(beta=2) behaves like KTAE(released) (the key score's sign, which is what moves the
+     policy, does not depend on beta).
+Decision rule: "helps" if the 95% CI of the paired difference lies above 0, "hurts" if below,
+otherwise "no difference detected", with the CI's half-width as the size this study can resolve.
+
+Budget: the whole study under 60 minutes of this 2-core machine, judged as (user + sys CPU
+seconds) / 2; the script reports its own CPU and wall time. The number of steps and the
+evaluation interval were set from the timing of a step (no accuracy looked at) before the runs.
+
+    .venv/bin/python benchmarks/tiny_ktae_study.py [--seeds 10] [--steps N] [--quick]
 """
-
-from __future__ import annotations
-
-import argparse
-import json
-import math
-import pathlib
-import statistics
-import sys
-import time
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from ktae_jax.config import load_config  # noqa: E402
-from ktae_jax.demo import held_out_problems, measure, train_wall_time  # noqa: E402
-
-
-def spread(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else math.nan
-    return f"{mean:.3f} ± {sd:.3f}"
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, help="RL steps per run (default: configs/tiny.yaml)")
-    parser.add_argument("--held-out", type=int, default=1000)
-    parser.add_argument("--out", default=str(REPO / "runs" / "study"))
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 6 steps, 200 held-out problems")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seeds, args.steps, args.held_out = 2, 6, 200
-
-    from ktae_jax.rewards import GraderPool
-    from ktae_jax.tiny import ensure_base
-    from ktae_jax.tiny.pretrain import PretrainConfig
-    from ktae_jax.tiny.pretrain import run as pretrain
-    from ktae_jax.train import run
-
-    out = pathlib.Path(args.out)
-    problems = held_out_problems(args.held_out)
-    base = pathlib.Path(ensure_base())
-    results: dict[str, list[dict]] = {"GRPO": [], "GRPO+KTAE": [], "SFT (same compute)": []}
-    tiny = REPO / "configs" / "tiny.yaml"
-    with GraderPool(2, 5.0) as pool:
-        base_cfg = load_config([tiny])
-        base_row = dict(zip(("greedy", "sampled"), measure(base, problems, out / "eval" / "base", base_cfg, pool)))
-        for seed in range(args.seeds):
-            rl_seconds = []
-            for name, extra in {"GRPO": [], "GRPO+KTAE": ["ktae.enabled=true"]}.items():
-                run_dir = out / f"{name.lower().replace('+', '_')}_seed{seed}"
-                overrides = [*extra, f"run.run_dir={run_dir}", f"run.seed={seed}", f"data.shuffle_seed={seed}",
-                             "run.progress=false"] + ([f"run.max_steps={args.steps}"] if args.steps else [])
-                cfg = load_config([tiny], overrides)
-                run(cfg)
-                seconds = train_wall_time(run_dir)
-                rl_seconds.append(seconds)
-                greedy, sampled = measure(run_dir / "hf", problems, out / "eval" / run_dir.name, cfg, pool, seed=seed)
-                results[name].append({"seed": seed, "train_s": seconds, "greedy": greedy, "sampled": sampled})
-            # The control: supervised steps in the same wall time (calibrated on a short run first).
-            calibrate = PretrainConfig(init_from=str(base), seed=1000 + seed, steps=40, warmup_steps=0,
-                                       learning_rate=3e-4, eval_problems=0)
-            start = time.perf_counter()
-            pretrain(calibrate, out / f"sft_calibrate_seed{seed}", progress=False)
-            per_step = (time.perf_counter() - start) / calibrate.steps
-            steps = max(1, int(statistics.fmean(rl_seconds) / per_step))
-            control = PretrainConfig(init_from=str(base), seed=1000 + seed, steps=steps, warmup_steps=0,
-                                     learning_rate=3e-4, eval_problems=0)
-            start = time.perf_counter()
-            folder, _ = pretrain(control, out / f"sft_seed{seed}", progress=False)
-            seconds = time.perf_counter() - start
-            greedy, sampled = measure(folder, problems, out / "eval" / f"sft_seed{seed}", base_cfg, pool, seed=seed)
-            results["SFT (same compute)"].append({"seed": seed, "train_s": seconds, "sft_steps": steps,
-                                                  "greedy": greedy, "sampled": sampled})
-
-    (out / "study.json").write_text(json.dumps({"base": base_row, **results}, indent=1))
-    header = ("recipe", "seeds", "greedy accuracy", "sampled accuracy (T=1)", "opens with Sum: (T=1)",
-              "mean length (greedy)", "train wall s")
-    print(f"\n{len(problems)} held-out tiny-task problems; mean ± standard deviation over seeds\n")
-    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
-    print(f"| base | - | {base_row['greedy']['accuracy']:.3f} | {base_row['sampled']['accuracy']:.3f} | "
-          f"{base_row['sampled']['reliable_share']:.3f} | {base_row['greedy']['mean_length']:.1f} | - |")
-    for name, rows in results.items():
-        print(f"| {name} | {len(rows)} | {spread([r['greedy']['accuracy'] for r in rows])} | "
-              f"{spread([r['sampled']['accuracy'] for r in rows])} | "
-              f"{spread([r['sampled']['reliable_share'] for r in rows])} | "
-              f"{spread([r['greedy']['mean_length'] for r in rows])} | {spread([r['train_s'] for r in rows])} |")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -166,10 +166,17 @@ def train_step(
 train_step_jit = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=(2, 3))
 
 
-def train(config: PretrainConfig, tokenizer: Any, *, progress: bool = True) -> tuple[Transformer, dict]:
-    """The trained model and {"train_s", "final_loss", "losses" (every 10th step)}."""
+def train(config: PretrainConfig, tokenizer: Any, *, progress: bool = True,
+          examples: Sequence[dict] | None = None) -> tuple[Transformer, dict]:
+    """The trained model and {"train_s", "final_loss", "losses" (every 10th step)}.
+
+    `examples` ({"problem", "solution"}, at least steps * batch_size) replaces the tiny task's
+    teacher data (the task variants of `variants.py` train their bases this way)."""
     # 1. DATA
-    examples = make_sft_examples(config.steps * config.batch_size, seed=config.seed, config=config.task)
+    if examples is None:
+        examples = make_sft_examples(config.steps * config.batch_size, seed=config.seed, config=config.task)
+    elif len(examples) < config.steps * config.batch_size:
+        raise ValueError(f"{len(examples)} examples: need steps * batch_size = {config.steps * config.batch_size}")
     ids, mask, loss_mask = encode_examples(tokenizer, examples)
     # 2. MODEL
     if config.init_from:
