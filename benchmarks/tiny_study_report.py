@@ -103,7 +103,7 @@ def plot(name: str, task: dict, path: pathlib.Path) -> None:
     if sft and task["runs"]["GRPO"]:
         ys = [r["final_sampled"]["accuracy"] for r in sft]
         last = task["runs"]["GRPO"][0]["curve_steps"][-1]
-        ax.errorbar([last], [np.mean(ys)], yerr=[np.std(ys, ddof=1) if len(ys) > 1 else 0], fmt="ks",
+        ax.errorbar([last + 0.15], [np.mean(ys)], yerr=[np.std(ys, ddof=1) if len(ys) > 1 else 0], fmt="ks",
                     label=f"SFT, same CPU time (n={len(ys)})")
     ax.set_xlabel("RL step (16 prompts x 8 responses)")
     ax.set_ylabel("held-out accuracy, T = 1")
