@@ -118,13 +118,20 @@ def plot(name: str, task: dict, path: pathlib.Path) -> None:
 
 def report(results: list[dict], plots: pathlib.Path) -> str:
     """Tables for every task of every `study.json` (one per process); CPU time summed over them."""
-    parts = []
-    for one in results:
+    parts, tasks = [], {}
+    for one in results:  # merge the processes' runs per task and arm
         for name, task in one["tasks"].items():
-            text, diffs = task_tables(name, task)
-            task["paired"] = diffs
-            plot(name, task, plots / f"{name}.png")
-            parts.append(text)
+            merged = tasks.setdefault(name, {"base": task["base"], "runs": {}})
+            if "greedy" in task["base"]:
+                merged["base"] = task["base"]
+            for arm, runs in task["runs"].items():
+                merged["runs"].setdefault(arm, []).extend(runs)
+    for name, task in tasks.items():
+        task["base"].setdefault("greedy", {"accuracy": math.nan, "mean_length": math.nan})
+        text, diffs = task_tables(name, task)
+        task["paired"] = diffs
+        plot(name, task, plots / f"{name}.png")
+        parts.append(text)
     cpu = sum(r.get("cpu_s", math.nan) for r in results)
     wall = max(r.get("wall_s", math.nan) for r in results)
     parts.append(f"\nstudy: {cpu:.0f} CPU s (user + sys, all processes) = {cpu / 2 / 60:.1f} min of the 2-core "
