@@ -83,7 +83,7 @@ def test_decision_is_not_the_first_token_and_fits_the_budget():
     assert len(ids("~")) == 1
     for name in ("late", "steps"):
         config = VariantConfig(name)
-        longest = max(len(ids(e["solution"] + tok.eos_token)) for e in make_sft_examples(config, 2000, seed=0))
+        longest = max(len(ids(e["solution"] + tok.eos_token)) for e in make_sft_examples(config, 500, seed=0))
         worst = [99] * config.num_terms
         full = late_solution(worst, False, False) if name == "late" else steps_solution(worst, [False] * 3, [False] * 3)
         assert longest <= len(ids(full + tok.eos_token)) <= config.max_new_tokens
@@ -92,3 +92,12 @@ def test_decision_is_not_the_first_token_and_fits_the_budget():
 def test_bad_variant_name():
     with pytest.raises(ValueError, match="variant name"):
         VariantConfig("first")
+
+
+def test_pretrain_takes_variant_examples_and_checks_their_count():
+    from ktae_jax.tiny.pretrain import PretrainConfig, train
+
+    config = PretrainConfig(steps=3, batch_size=4)
+    too_few = make_sft_examples(VariantConfig("steps"), 11, seed=0)
+    with pytest.raises(ValueError, match="need steps \\* batch_size = 12"):
+        train(config, build_tokenizer(), progress=False, examples=too_few)
