@@ -33,9 +33,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ktae_jax import hardware
 from ktae_jax import mesh as mesh_lib
 from ktae_jax.config import TrainConfig
+from ktae_jax.models.lora import add_adapters, folded_graphdef, folded_state
 from ktae_jax.sample import SamplingConfig, sample_jit
 from ktae_jax.step import (TrainState, UpdateBatch, UpdateSettings, make_optimizer, optimizer_shardings,
-                           rollout_logprobs, train_step)
+                           rollout_logprobs, split_policy, train_step)
 
 GiB = 2**30
 
@@ -68,6 +69,8 @@ class AbstractRun:
 
     graphdef: Any
     state: TrainState
+    frozen: Any  # the parameters that do not train (`step.split_policy`; empty for full fine-tuning)
+    sample_graphdef: Any  # the sampler's graph (LoRA: the adapters folded into the weights)
     tx: Any
     has_reference: bool  # kl_coef > 0: a frozen copy of the parameters stays on the devices
 
@@ -79,17 +82,25 @@ def abstract_run(cfg: TrainConfig, mesh) -> AbstractRun:
     model_cfg, _ = model_config_for(cfg.model.path)
     dtype, compute = jnp.dtype(cfg.model.param_dtype), jnp.dtype(cfg.model.compute_dtype)
     options = cfg.model.options(mesh)  # the target's attention kernel, placed on its mesh, as a run there
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: init_random(model_cfg, dtype=dtype, compute_dtype=compute,
-                                                                    options=options)))
-    shardings = mesh_lib.state_shardings(params, mesh)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+    spec = cfg.lora.spec()
+    model = nnx.eval_shape(lambda: _with_adapters(init_random(model_cfg, dtype=dtype, compute_dtype=compute,
+                                                              options=options), spec))
+    graphdef, params, frozen = split_policy(model)
+    sample_graphdef = folded_graphdef(graphdef, params, frozen) if spec else graphdef
+    placed = lambda tree: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),  # noqa: E731
+                                       tree, mesh_lib.state_shardings(tree, mesh))
+    params, frozen = placed(params), placed(frozen)
     tx = make_optimizer(cfg.optim)
     opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        jax.eval_shape(tx.init, params), optimizer_shardings(tx, params, mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
     state = TrainState(params=params, opt_state=opt, step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
-    return AbstractRun(graphdef, state, tx, cfg.algo.kl_coef > 0)
+    return AbstractRun(graphdef, state, frozen, sample_graphdef, tx, cfg.algo.kl_coef > 0)
+
+
+def _with_adapters(model, spec):
+    return add_adapters(model, spec) if spec else model
 
 
 def _rows(cfg: TrainConfig, mesh, n: int, width: int, dtype) -> jax.ShapeDtypeStruct:
@@ -112,8 +123,9 @@ def program_inputs(cfg: TrainConfig, mesh, run: AbstractRun) -> dict[str, tuple[
     batch = UpdateBatch(_rows(cfg, mesh, n, tp + resp, i32), _rows(cfg, mesh, n, tp + resp, i32),
                         _rows(cfg, mesh, n, resp, i32), *(_rows(cfg, mesh, n, resp, f32) for _ in range(3)))
     layout = settings.logprob_layout(cfg, mesh)
-    logprobs = jax.jit(functools.partial(rollout_logprobs, run.graphdef, response_len=resp,
-                                         temperature=r.temperature, layout=layout, mesh=mesh))
+    logprobs = jax.jit(lambda params, tokens, attn, frozen: rollout_logprobs(
+        run.graphdef, params, tokens, attn, response_len=resp, temperature=r.temperature, layout=layout, mesh=mesh,
+        frozen=frozen))
     # The trainer samples a step's prompts in one call on `sample_prompts_per_device` x G decode
     # slots per device, from the rollout copy of the policy (compute dtype, no FSDP split).
     prompts = r.prompts_per_step
@@ -121,23 +133,26 @@ def program_inputs(cfg: TrainConfig, mesh, run: AbstractRun) -> dict[str, tuple[
                               eos_ids=(0,), num_samples=r.group_size,
                               slots=r.sample_prompts_per_device * batch_devices * r.group_size)
     compute = jnp.dtype(cfg.model.compute_dtype)
+    # LoRA: the sampler reads the base with the adapters folded in (`adapters.PolicyWeights.rollout_copy`).
+    whole = (jax.eval_shape(lambda p, f: folded_state(run.graphdef, p, f), run.state.params, run.frozen)
+             if run.sample_graphdef is not run.graphdef else run.state.params)
     rollout_copy = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, compute if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
-                                          sharding=s), run.state.params, mesh_lib.decode_shardings(run.state.params, mesh))
-    sampler = functools.partial(sample_jit.lower, run.graphdef, config=sampling, mesh=mesh)
+                                          sharding=s), whole, mesh_lib.decode_shardings(whole, mesh))
+    sampler = functools.partial(sample_jit.lower, run.sample_graphdef, config=sampling, mesh=mesh)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
     # Alive beside each program: the update: the reference and the rollout copy (the trainer keeps
     # it until the next step's sampling); a log-prob pass (on the policy or on the reference): the
     # optimizer state, the other parameter copy, the rollout copy, the rollouts; the sampler: the
-    # training state (parameters and optimizer state) and the reference.
+    # training state (parameters and optimizer state), the frozen parameters and the reference.
     rollouts = per_device_bytes(batch[2:])
     copy = per_device_bytes(rollout_copy)
     return {
-        "update": (update.lower, (run.state, batch), reference + copy),
-        "logprobs": (logprobs.lower, (run.state.params, batch[0], batch[1]),
+        "update": (update.lower, (run.state, batch, run.frozen), reference + copy),
+        "logprobs": (logprobs.lower, (run.state.params, batch[0], batch[1], run.frozen),
                      state_bytes - params_bytes + reference + copy + rollouts),
         "sampler": (sampler, (rollout_copy, _rows(cfg, mesh, prompts, tp, i32), _rows(cfg, mesh, prompts, tp, i32), key),
-                    state_bytes + reference),
+                    state_bytes + per_device_bytes(run.frozen) + reference),
     }
 
 
@@ -211,7 +226,7 @@ def compile_only(cfg: TrainConfig, target_name: str, programs: tuple[str, ...] =
             "description": target.description, "memory_note": target.memory_note,
             "model": model_summary(cfg, target.platform, _model_config(cfg)),
             "mesh": dict(zip(mesh.axis_names, map(int, mesh.devices.shape))),
-            "state_bytes": per_device_bytes(run.state)}
+            "state_bytes": per_device_bytes(run.state), "frozen_bytes": per_device_bytes(run.frozen)}
 
 
 def _model_config(cfg: TrainConfig):
@@ -246,7 +261,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"target {report['target']}: {report['description']}; mesh {mesh}",
              f"model: {report['model']}",
              f"usable per device: {usable / GiB:.2f} GiB ({report['memory_note']}); run state per device "
-             f"(parameters, optimizer, step, key): {report['state_bytes'] / GiB:.2f} GiB",
+             f"(trainable parameters, optimizer, step, key): {report['state_bytes'] / GiB:.2f} GiB"
+             + (f"; frozen parameters (the LoRA base): {report['frozen_bytes'] / GiB:.2f} GiB"
+                if report.get("frozen_bytes") else ""),
              f"{'program':<9} {'arguments':>10} {'temporaries':>12} {'peak':>9} {'resident':>9} {'total':>9} "
              f"{'spare':>6} {'TFLOP':>8} {'compile':>8}  verdict"]
     for name, p in report["programs"].items():

@@ -23,6 +23,7 @@ import yaml
 from ktae_jax import builtin
 from ktae_jax.config import TrainConfig
 from ktae_jax.models import ModelConfig
+from ktae_jax.models.lora import adapter_count
 
 # Architectures of the paper's base models, for planning before the weights are downloaded
 # (from their public config.json files).
@@ -121,9 +122,13 @@ def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
     n_params = model.num_params
     param_shards = fsdp * tensor
     params = n_params * p_bytes / param_shards
-    adam = 2 * params
-    grads = params
-    reference = params if cfg.algo.kl_coef else 0.0
+    # LoRA: the optimizer, the gradients and the reference (adapters off) are the adapters' size
+    # (float32); the base is frozen.
+    spec = cfg.lora.spec()
+    trainable = adapter_count(model, spec) * 4 / param_shards if spec else params
+    adam = 2 * trainable
+    grads = trainable
+    reference = trainable if cfg.algo.kl_coef else 0.0
     micro_per_device = max(micro_rows // batch_devices, 1)
     scores, activations = backward_memory(cfg, model, micro_per_device, tensor)
     rows_per_device = rows // batch_devices
@@ -134,8 +139,8 @@ def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
     # turn; their gradients exist unsplit before they are reduced.
     tables = model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2) * p_bytes / tensor
     gathered = 2 * (tables + layer_params(model) * p_bytes / tensor) if fsdp > 1 else 0.0
-    update = params + adam + grads + reference + gathered + activations + scores
-    sampler = params + adam + reference + tables / (1 if fsdp > 1 else param_shards) + kv_cache
+    update = params + (trainable if spec else 0.0) + adam + grads + reference + gathered + activations + scores
+    sampler = params + (trainable if spec else 0.0) + adam + reference + tables / (1 if fsdp > 1 else param_shards) + kv_cache
 
     lines = [
         "# resolved config", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "",
@@ -148,7 +153,7 @@ def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
         f"mini-batches; micro-batch {micro_rows} rollouts = {micro_per_device} per device; log-prob passes "
         f"{cfg.logprob_micro_batch_rollouts(batch_devices) // batch_devices} per device per slice",
         "estimated memory per device:",
-        f"  parameters            {_gb(params)}",
+        f"  parameters            {_gb(params)}" + (f"  (frozen) + LoRA adapters {_gb(trainable)}" if spec else ""),
         f"  AdamW moments         {_gb(adam)}",
         f"  gradient accumulator  {_gb(grads)}",
         f"  reference policy      {_gb(reference)}" + ("" if cfg.algo.kl_coef else "  (kl_coef = 0: none)"),

@@ -72,8 +72,11 @@ class RolloutCollector:
     """Steps 1-4: the policy's parameters -> one step's graded rollouts (and the DAPO filter's metrics)."""
 
     def __init__(self, cfg: TrainConfig, graphdef: Any, policy: Policy, mesh: jax.sharding.Mesh, data: PromptData,
-                 pool: GraderPool):
+                 pool: GraderPool, rollout_copy: Callable[[Any], Any] | None = None):
+        """`rollout_copy`: the trainable parameters -> the sampler's copy for `graphdef`
+        (default `sample.decode_params`; LoRA: `adapters.PolicyWeights.rollout_copy`)."""
         self.cfg, self.graphdef, self.mesh, self.data, self.pool = cfg, graphdef, mesh, data, pool
+        self._make_copy = rollout_copy
         self.tokenizer, self.pad_id = policy.tokenizer, policy.pad_id
         self.sampling = cfg.to_sampling(policy.stop_ids, policy.pad_id, mesh_lib.batch_devices(mesh))
         self.reward_cfg = cfg.to_reward()
@@ -99,7 +102,10 @@ class RolloutCollector:
     def _rollout_copy(self, params: Any) -> Any:
         """The policy in the sampler's layout (`sample.decode_params`), made again once per update."""
         if self._copy_of is not params:
-            self._copy, self._copy_of = decode_params(params, self.mesh, self.compute_dtype), params
+            self._copy = None  # the previous copy goes before the next is made
+            self._copy = (self._make_copy(params) if self._make_copy is not None
+                          else decode_params(params, self.mesh, self.compute_dtype))
+            self._copy_of = params
         return self._copy
 
     def sampler_metrics(self, timer: StageTimer) -> dict[str, float]:

@@ -31,9 +31,10 @@ from ktae_jax.models import response_logprobs
 
 
 class TrainState(struct.PyTreeNode):
-    """Everything the update changes: a pytree, jitted and checkpointed as one."""
+    """Everything the update changes: a pytree, jitted and checkpointed as one. The frozen
+    parameters (`split_policy`) are not in it: the update reads them, and nothing else sees them."""
 
-    params: Any  # nnx.State of the policy's parameters
+    params: Any  # nnx.State of the policy's trainable parameters
     opt_state: Any  # optax state
     step: jax.Array  # int32 optimizer steps taken (training steps, not mini-batch updates)
     rng: jax.Array  # base PRNG key of the run; step keys are folded from it
@@ -83,6 +84,16 @@ class UpdateSettings:
         return Layout(self.num_minibatches, self.num_microbatches, self.group_size, batch_devices(mesh))
 
 
+def split_policy(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, trainable, frozen) parameters of a policy. What trains is chosen by the
+    variables' NNX type: the low-rank adapters (`nnx.LoRAParam`, see `models.lora`) when the model
+    has any, otherwise every `nnx.Param` (full fine-tuning: `frozen` is then empty). The optimizer,
+    the checkpoints and the gradient see only `trainable`; `nnx.merge(graphdef, trainable, frozen)`
+    is the policy."""
+    adapters = jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
+    return nnx.split(model, nnx.LoRAParam if adapters else nnx.Param, ...)
+
+
 def make_optimizer(cfg: OptimSection) -> optax.GradientTransformation:
     schedule = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps) if cfg.warmup_steps else optax.constant_schedule(cfg.lr)
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
@@ -118,10 +129,12 @@ def _split_rollouts(tokens_NxT, attn_NxT, response_len: int, rows_per_prompt: in
 
 
 def micro_logprobs(graphdef, params, tokens_NxT, attn_NxT, *, response_len: int, rows_per_prompt: int,
-                   temperature: float, mesh=None):
+                   temperature: float, mesh=None, frozen=None):
     """(logp, entropy) [N, R] of the last `response_len` columns; each prompt (the first Tp columns,
-    the same in each run of `rows_per_prompt` rows) is computed once and shared by its rows."""
-    model = nnx.merge(graphdef, params, copy=True)  # copies: the embedding is replaced below
+    the same in each run of `rows_per_prompt` rows) is computed once and shared by its rows.
+    `params` (+ `frozen`, the parameters that do not train, when split by `split_policy`)."""
+    states = (params,) if frozen is None else (params, frozen)
+    model = nnx.merge(graphdef, *states, copy=True)  # copies: the embedding is replaced below
     # With FSDP, every activation stays split by rows and the weights are gathered (see
     # `response_logprobs`); the embedding table is gathered for the lookup by hand: otherwise the
     # gradient of the lookup splits the activations along the embedding (a full rematerialisation).
@@ -175,14 +188,15 @@ class Layout:
 
 
 def rollout_logprobs(graphdef, params, tokens_NxT, attn_NxT, *, response_len: int, temperature: float,
-                     layout: Layout, mesh=None):
+                     layout: Layout, mesh=None, frozen=None):
     """(logp, entropy) [N, R] of every rollout, one micro-batch at a time (the update's memory bound)."""
     n = tokens_NxT.shape[0]
 
     def one(micro):
         tokens, attn = (constrain_batch(x, mesh) for x in micro)
         return micro_logprobs(graphdef, params, tokens, attn, response_len=response_len,
-                              rows_per_prompt=layout.rows_per_prompt(n), temperature=temperature, mesh=mesh)
+                              rows_per_prompt=layout.rows_per_prompt(n), temperature=temperature, mesh=mesh,
+                              frozen=frozen)
 
     micro_batches = lambda x: layout.split(x).reshape(-1, n // (layout.num_minibatches * layout.num_microbatches),  # noqa: E731
                                                       *x.shape[1:])
@@ -191,9 +205,10 @@ def rollout_logprobs(graphdef, params, tokens_NxT, attn_NxT, *, response_len: in
     return tuple(constrain_batch(layout.merge(x.reshape(shape)), mesh) for x in (logp, entropy))
 
 
-def train_step(state: TrainState, batch: UpdateBatch, *, graphdef, tx: optax.GradientTransformation,
+def train_step(state: TrainState, batch: UpdateBatch, frozen=None, *, graphdef, tx: optax.GradientTransformation,
                settings: UpdateSettings, mesh=None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """`ppo_epochs` x mini-batches optimizer updates on one step's rollouts; pure."""
+    """`ppo_epochs` x mini-batches optimizer updates on one step's rollouts; pure. Gradients and
+    updates reach `state.params` only; `frozen` (`split_policy`) is read, never changed."""
     algo = settings.algo
     layout = settings.layout(mesh)
     sliced = UpdateBatch(*(layout.split(x) for x in batch))
@@ -203,7 +218,8 @@ def train_step(state: TrainState, batch: UpdateBatch, *, graphdef, tx: optax.Gra
     def micro_loss(params, micro: UpdateBatch, norm: Normalisers):
         micro = UpdateBatch(*(constrain_batch(x, mesh) for x in micro))
         logp, entropy = micro_logprobs(graphdef, params, micro.tokens_NxT, micro.attn_NxT, response_len=response_len,
-                                       rows_per_prompt=rows_per_prompt, temperature=settings.temperature, mesh=mesh)
+                                       rows_per_prompt=rows_per_prompt, temperature=settings.temperature, mesh=mesh,
+                                       frozen=frozen)
         # On-policy, old = current exactly (ratio 1, gradient of the ratio intact): skip that pass.
         old_logp = jax.lax.stop_gradient(logp) if settings.on_policy else micro.old_logp_NxR
         return policy_loss(logp, old_logp, micro.ref_logp_NxR, micro.adv_NxR, micro.resp_mask_NxR, entropy,

@@ -27,17 +27,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from ktae_jax import mesh as mesh_lib
 from ktae_jax import rundir
 from ktae_jax.advantages import token_advantages
+from ktae_jax.adapters import PolicyWeights
 from ktae_jax.checkpoint import Checkpointer
 from ktae_jax.config import ConfigError, TrainConfig
 from ktae_jax.data import PromptData, load_rows
 from ktae_jax.ktae import strongest_key_tokens
 from ktae_jax.metrics import MetricsLogger, StageTimer
-from ktae_jax.models import save_pretrained
 from ktae_jax.policy import load_policy
 from ktae_jax.rewards import GraderPool
 from ktae_jax.rollouts import RolloutCollector, Rollouts
@@ -70,12 +69,16 @@ class Trainer:
                              options=cfg.model.options(self.mesh))
         self.tokenizer, self.stop_ids, self.pad_id = policy.tokenizer, policy.stop_ids, policy.pad_id
         self.vocab_size = policy.model.config.vocab_size
-        self.graphdef, params = nnx.split(policy.model)
+        # Only the trainable parameters (LoRA: the adapters) are in the train state (optimizer,
+        # checkpoints, gradients); the frozen ones stay beside it, read by the update and the log-prob passes.
+        self.weights = PolicyWeights(policy.model, cfg.lora.spec(), seed=cfg.run.seed, mesh=self.mesh,
+                                     compute_dtype=cfg.model.compute_dtype)
+        self.graphdef, params, self.frozen = self.weights.graphdef, self.weights.initial, self.weights.frozen
         self.tx = make_optimizer(cfg.optim)
         self.ktae = cfg.to_ktae(dict.fromkeys((*self.stop_ids, self.pad_id)))  # None: KTAE off
         self.state = self._initial_state(params)
-        # The frozen reference: a copy, since the train step donates (overwrites) the policy's buffers.
-        self.ref_params = jax.tree.map(jnp.copy, params) if cfg.algo.kl_coef else None
+        # The frozen reference (`adapters.PolicyWeights.reference`): a copy, or LoRA's base itself.
+        self.ref_params = self.weights.reference(params) if cfg.algo.kl_coef else None
 
         self.data = PromptData(load_rows(cfg.data), self.tokenizer, cfg.data, cfg.rollout.prompts_per_step,
                                pad_id=self.pad_id)
@@ -85,7 +88,8 @@ class Trainer:
             self.pool = GraderPool(cfg.reward.num_workers or None, cfg.reward.timeout_s)
         except ValueError as err:
             raise ConfigError(f"reward.num_workers / reward.timeout_s: {err}") from None
-        self.rollouts = RolloutCollector(cfg, self.graphdef, policy, self.mesh, self.data, self.pool)
+        self.rollouts = RolloutCollector(cfg, self.weights.sample_graphdef, policy, self.mesh, self.data, self.pool,
+                                         rollout_copy=self.weights.rollout_copy if cfg.lora.rank else None)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
         self._compile()
 
@@ -111,7 +115,7 @@ class Trainer:
         donate = () if mesh.devices.flat[0].platform == "cpu" else (0,)
         self._train_step_jit = jax.jit(
             functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, settings=settings, mesh=mesh),
-            out_shardings=(state_sharding, None), donate_argnums=donate)
+            out_shardings=(state_sharding, None), donate_argnums=donate)  # never the frozen parameters
         # Compiled ahead of time, per prompt width (trimmed batches): the widest now, for
         # `memory_report` (the worst case), the others when first met.
         self._train_steps: dict[int, Any] = {}
@@ -128,7 +132,7 @@ class Trainer:
     def _train_step_for(self, prompt_width: int):
         if prompt_width not in self._train_steps:
             self._train_steps[prompt_width] = self._train_step_jit.lower(
-                self.state, self._abstract_batch(prompt_width)).compile()
+                self.state, self._abstract_batch(prompt_width), self.frozen).compile()
         return self._train_steps[prompt_width]
 
     def _abstract_batch(self, prompt_width: int) -> UpdateBatch:
@@ -172,7 +176,8 @@ class Trainer:
             # 6. UPDATE
             with timer("update"):
                 train = self._train_step_for(tokens.shape[1] - self.cfg.rollout.max_new_tokens)
-                self.state, metrics = train(self.state, UpdateBatch(tokens, attn, resp_mask, adv, old_logp, ref_logp))
+                self.state, metrics = train(self.state, UpdateBatch(tokens, attn, resp_mask, adv, old_logp, ref_logp),
+                                            self.frozen)
                 metrics = {k: float(v) for k, v in mesh_lib.to_host(metrics).items()}  # host sync: NaN check, logging
         metrics.update(self._rollout_metrics(batch, step, timer.seconds), **dyn_metrics, **timer.seconds,
                        **self.rollouts.sampler_metrics(timer))
@@ -185,12 +190,12 @@ class Trainer:
         if self.on_policy:  # the update uses the current policy's own log-probs as the old ones
             (old_logp,) = mesh_lib.place_batch(self.mesh, np.zeros_like(sampler_logp_NxR))
         elif self.cfg.algo.recompute_old_logprobs:
-            old_logp, _ = self._logprobs(self.state.params, tokens, attn)
+            old_logp, _ = self._logprobs(self.state.params, tokens, attn, frozen=self.frozen)
         else:
             (old_logp,) = mesh_lib.place_batch(self.mesh, sampler_logp_NxR)
         if self.ref_params is None:  # kl_coef = 0: no reference pass at all
             return tokens, attn, old_logp, jnp.zeros_like(old_logp)
-        return tokens, attn, old_logp, self._logprobs(self.ref_params, tokens, attn)[0]
+        return tokens, attn, old_logp, self._logprobs(self.ref_params, tokens, attn, frozen=self.frozen)[0]
 
     def _rollout_metrics(self, batch: Rollouts, step: int, times: dict[str, float]) -> dict[str, Any]:
         cfg, lengths = self.cfg, batch.lengths_N
@@ -233,11 +238,10 @@ class Trainer:
         return step
 
     def export(self) -> pathlib.Path:
-        """The policy in Hugging Face format at run_dir/hf: gathered by every process, written by process 0."""
-        model = nnx.merge(self.graphdef, mesh_lib.to_host(self.state.params))
-        if self.is_main:
-            save_pretrained(model, self.tokenizer, self.run_dir / "hf")
-        return self.run_dir / "hf"
+        """The policy in Hugging Face format at run_dir/hf (LoRA: the adapters folded in, and the
+        adapters alone in PEFT's layout at run_dir/hf_adapter): gathered by every process, written by process 0."""
+        return self.weights.export(self.state.params, self.tokenizer, self.run_dir / "hf",
+                                   base_model=self.cfg.model.path, write=self.is_main)[0]
 
     def close(self) -> None:
         try:
@@ -252,7 +256,7 @@ class Trainer:
 
         cfg = self.cfg
         rows = read_rows(cfg.run.eval_file, cfg.data.prompt_field, cfg.data.answer_field)
-        summary = evaluate((self.graphdef, self.state.params), self.tokenizer, {"val": rows},
+        summary = evaluate((self.weights.sample_graphdef, self.weights.full_state(self.state.params)), self.tokenizer, {"val": rows},
                            out_dir=self.run_dir / "eval" / f"step_{step:06d}", protocol=Protocol.of_run(cfg),
                            batch_prompts=cfg.rollout.prompts_per_step, mesh=self.mesh, pool=self.pool,
                            limit=cfg.run.eval_limit or None, stop_ids=self.stop_ids, progress=False)

@@ -15,6 +15,7 @@ from ktae_jax.config.sections import (
     ConfigError,
     DataSection,
     KTAESection,
+    LoraSection,
     ModelSection,
     OptimSection,
     RewardSection,
@@ -25,7 +26,7 @@ from ktae_jax.config.sections import (
 )
 
 __all__ = [
-    "INCLUDE_KEY", "RANGES", "SECTIONS", "AlgoSection", "ConfigError", "DataSection", "KTAESection", "ModelSection",
+    "INCLUDE_KEY", "RANGES", "SECTIONS", "AlgoSection", "ConfigError", "DataSection", "KTAESection", "LoraSection", "ModelSection",
     "OptimSection", "RewardSection", "RolloutSection", "RunSection", "TrainConfig", "config_from_dict", "in_range",
     "load_config", "parse_override",
 ]

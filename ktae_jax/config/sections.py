@@ -1,7 +1,7 @@
 """The typed sections of a training config, their value ranges and the checks across fields.
 
 `TrainConfig` holds one frozen section per pipeline stage (`model`, `data`, `rollout`, `algo`,
-`ktae`, `reward`, `optim`, `mesh`, `run`), each field with a one-line comment. `validate` checks
+`ktae`, `reward`, `optim`, `mesh`, `run`, `lora`), each field with a one-line comment. `validate` checks
 every numeric field against its range (`RANGES`) and the combinations no single field can (the
 mesh's divisibility, mini- and micro-batches), raising `ConfigError` naming the key. The runtime
 configs of the stages (`SamplingConfig`, `RewardConfig`, `KTAEConfig`) are built from the sections
@@ -134,6 +134,20 @@ class OptimSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSection:
+    rank: int = 0  # low-rank adapters of this rank on `targets`, the base frozen; 0 = off (full fine-tuning)
+    alpha: float = 32.0  # the update is (alpha / rank) x A B
+    # projections adapted, named as in Hugging Face / PEFT
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def spec(self) -> "LoraSpec | None":
+        """The adapters' spec (`models.lora`), None when off."""
+        from ktae_jax.models.lora import LoraSpec
+
+        return LoraSpec(self.rank, self.alpha, self.targets) if self.rank else None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSection:
     run_dir: str = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard, the exported model
     max_steps: int = 100  # training steps
@@ -153,6 +167,7 @@ class RunSection:
 SECTIONS: dict[str, type] = {
     "model": ModelSection, "data": DataSection, "rollout": RolloutSection, "algo": AlgoSection,
     "ktae": KTAESection, "reward": RewardSection, "optim": OptimSection, "mesh": MeshConfig, "run": RunSection,
+    "lora": LoraSection,
 }
 
 # The allowed values of every numeric field, checked at load (`TrainConfig.validate`): intervals
@@ -178,6 +193,7 @@ RANGES: dict[str, str] = {
     "run.max_steps": "[1, inf)", "run.seed": "[0, inf)", "run.checkpoint_every": "[1, inf)",
     "run.keep_checkpoints": "[1, inf)", "run.ktae_top_tokens": "[1, inf)", "run.eval_every": "[0, inf)",
     "run.eval_limit": "[0, inf)",
+    "lora.rank": "[0, inf)", "lora.alpha": "(0, inf)",
 }
 
 
@@ -207,6 +223,7 @@ class TrainConfig:
     optim: OptimSection = OptimSection()
     mesh: MeshConfig = MeshConfig()
     run: RunSection = RunSection()
+    lora: LoraSection = LoraSection()
 
     @property
     def mini_batch_prompts(self) -> int:
@@ -242,7 +259,8 @@ class TrainConfig:
             raise ConfigError("run.eval_every is set but run.eval_file is empty")
         # Invariants across fields of a stage (KTAE's alpha + beta > 0, the overlong buffer within
         # the response length) live in its runtime config only: build it once to check them.
-        for name, build in (("ktae", lambda: self.to_ktae((), enabled=True)), ("reward", self.to_reward)):
+        for name, build in (("ktae", lambda: self.to_ktae((), enabled=True)), ("reward", self.to_reward),
+                            ("lora", self.lora.spec)):
             try:
                 build()
             except ValueError as err:

@@ -73,6 +73,17 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype: jnp.dtype = 
     return KVCache(zeros, zeros, jnp.zeros((batch, length), bool), np.zeros((), np.int32))
 
 
+def _adapted(module: nnx.Module, name: str, x: Array, y: Array, constrain: Constrain) -> Array:
+    """y = x W plus the low-rank update s (x A) B of weight `name`, where it has an adapter
+    (`models.lora`); y unchanged otherwise."""
+    a = getattr(module, f"{name}_lora_a", None)
+    if a is None:
+        return y
+    dt = y.dtype
+    xa = constrain(x @ a[...].astype(dt))
+    return y + constrain(xa @ getattr(module, f"{name}_lora_b")[...].astype(dt)) * jnp.asarray(module.lora_scale, dt)
+
+
 def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str | None, ...], dtype, init: str,
            layers: int | None = None) -> nnx.Param:
     if layers is not None:  # one slice per layer, stacked in front
@@ -143,10 +154,11 @@ class Attention(nnx.Module):
         # Projections as 2-D matmuls on [B*T, E] (XLA on CPU: faster, and a faster weight gradient),
         # then the heads moved to their [B, KV, (G,) T, D] layout.
         x = x_BxTxE.astype(dt).reshape(b * t, e)
-        proj = lambda w, width: constrain(x @ w[...].astype(dt).reshape(e, width))  # noqa: E731
-        q = proj(self.q, kv * g * d).reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
-        k = proj(self.k, kv * d).reshape(b, t, kv, d).transpose(0, 2, 1, 3)
-        v = proj(self.v, kv * d).reshape(b, t, kv, d).transpose(0, 2, 1, 3)
+        proj = lambda name, width: _adapted(  # noqa: E731
+            self, name, x, constrain(x @ getattr(self, name)[...].astype(dt).reshape(e, width)), constrain)
+        q = proj("q", kv * g * d).reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
+        k = proj("k", kv * d).reshape(b, t, kv, d).transpose(0, 2, 1, 3)
+        v = proj("v", kv * d).reshape(b, t, kv, d).transpose(0, 2, 1, 3)
         if self.q_bias is not None:
             q = q + self.q_bias[...].astype(dt).reshape(kv, g, 1, d)
             k = k + self.k_bias[...].astype(dt)[:, None, :]
@@ -166,7 +178,8 @@ class Attention(nnx.Module):
             out = attn_lib.attend(q, keys, values, mask, options.attention, options.attention_block,
                                   options.platform or None, options.mesh, scale=self.scale, softcap=self.softcap)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, kv * g * d)
-        y = constrain(out @ self.o[...].astype(dt).reshape(kv * g * d, e)).reshape(b, t, e)
+        y = _adapted(self, "o", out, constrain(out @ self.o[...].astype(dt).reshape(kv * g * d, e)), constrain)
+        y = y.reshape(b, t, e)
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(dt)
         return y, (k, v)
@@ -190,10 +203,12 @@ class MLP(nnx.Module):
         # Matmuls on [B*T, E]: XLA on CPU runs the weight gradient of a 3-D `x @ W` (two
         # contracting dimensions) about 3x slower than the same product on a 2-D operand.
         x = x_BxTxE.reshape(-1, x_BxTxE.shape[-1])
-        gate, up = constrain(x @ self.gate[...].astype(dt)), constrain(x @ self.up[...].astype(dt))
+        gate = _adapted(self, "gate", x, constrain(x @ self.gate[...].astype(dt)), constrain)
+        up = _adapted(self, "up", x, constrain(x @ self.up[...].astype(dt)), constrain)
         if self.gate_bias is not None:
             gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
-        y = constrain((ACTIVATIONS[self.activation](gate) * up) @ self.down[...].astype(dt))
+        hidden = ACTIVATIONS[self.activation](gate) * up
+        y = _adapted(self, "down", hidden, constrain(hidden @ self.down[...].astype(dt)), constrain)
         y = y + self.down_bias[...].astype(dt) if self.down_bias is not None else y
         return y.reshape(x_BxTxE.shape)
 

@@ -1,0 +1,91 @@
+"""The policy's weights as a run holds them: what trains and what stays frozen (full fine-tuning,
+or LoRA adapters on a frozen base), and what each consumer reads.
+
+  update / checkpoints   the trainable part only (`step.split_policy`): the adapters under LoRA
+  reference policy       full fine-tuning: a copy of the initial weights; LoRA: the frozen base
+                         itself, read with the adapters switched off (A = B = 0: the update
+                         s (x A) B is exactly 0), so no copy of the base exists
+  sampler                a copy in the compute dtype without the FSDP split; under LoRA with the
+                         adapters folded into the weights (W + s A B: decoding costs what the
+                         base's does)
+  export                 Hugging Face folders: the (folded) full weights, and under LoRA also the
+                         adapters alone in PEFT's layout
+
+Why the reference is "adapters off" rather than "the adapters' initial values (B = 0)": both
+give the base's function, but the initial adapters would have to be kept and checkpointed for
+the run's life (the update overwrites them), while zeros are made on the fly, of the adapters'
+(small) size, and do not depend on the initialisation.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ktae_jax import mesh as mesh_lib
+from ktae_jax.models import lora as lora_lib
+from ktae_jax.models.lora import LoraSpec
+from ktae_jax.step import split_policy
+
+
+class PolicyWeights:
+    """`model`'s graph split into trainable and frozen parameters; with `lora`, adapters are
+    added first (on `mesh`, from `seed`). `frozen` is held here; the trainable part is the train
+    state's (`params` arguments below)."""
+
+    def __init__(self, model: nnx.Module, lora: LoraSpec | None, *, seed: int, mesh, compute_dtype):
+        if lora is not None:
+            lora_lib.add_adapters(model, lora, seed=seed, mesh=mesh)
+        self.lora, self.mesh, self.compute_dtype = lora, mesh, jnp.dtype(compute_dtype)
+        self.graphdef, self.initial, self.frozen = split_policy(model)
+        # The sampler's graph: without adapters (folded into the weights) under LoRA.
+        self.sample_graphdef = (lora_lib.folded_graphdef(self.graphdef, self.initial, self.frozen) if lora
+                                else self.graphdef)
+        self._copy = None
+
+    def reference(self, params: nnx.State) -> nnx.State:
+        """The trainable part of the frozen reference policy (see the module docstring)."""
+        if self.lora is not None:
+            return jax.tree.map(jnp.zeros_like, params)
+        return jax.tree.map(jnp.copy, params)  # a copy: the update donates (overwrites) the policy's buffers
+
+    def full_state(self, params: nnx.State) -> nnx.State:
+        """The policy's whole state for `sample_graphdef` (folded under LoRA), in the parameters' dtype."""
+        if self.lora is None:
+            return nnx.merge_state(params, self.frozen)
+        return jax.jit(lambda p, f: lora_lib.folded_state(self.graphdef, p, f))(params, self.frozen)
+
+    def rollout_copy(self, params: nnx.State) -> nnx.State:
+        """The sampler's copy under LoRA: the folded weights cast to the compute dtype, laid out for
+        decoding (`mesh.decode_shardings`), in one jitted program (no full-size intermediate kept)."""
+        if self._copy is None:
+            cast = lambda x: x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+            fold = lambda p, f: jax.tree.map(cast, lora_lib.folded_state(self.graphdef, p, f))  # noqa: E731
+            abstract = jax.eval_shape(fold, params, self.frozen)
+            out = None if self.mesh is None else mesh_lib.decode_shardings(abstract, self.mesh)
+            self._copy = jax.jit(fold, out_shardings=out)
+        return self._copy(params, self.frozen)
+
+    def export(self, params: nnx.State, tokenizer: Any, out_dir: pathlib.Path, *, base_model: str = "",
+               write: bool = True) -> list[pathlib.Path]:
+        """The policy in Hugging Face format at `out_dir` (the folded full weights); under LoRA also
+        the adapters in PEFT's layout at `out_dir`_adapter. Gathered by every process; written when
+        `write` (process 0)."""
+        from ktae_jax.models import save_pretrained
+
+        host = mesh_lib.to_host((params, self.frozen))
+        model = nnx.merge(self.graphdef, *host)
+        written = [out_dir]
+        if self.lora is not None:
+            adapter_dir = out_dir.with_name(out_dir.name + "_adapter")
+            if write:
+                lora_lib.save_peft_adapter(model, adapter_dir, base_model=base_model)
+            written.append(adapter_dir)
+            model = lora_lib.fold_adapters(model)
+        if write:
+            save_pretrained(model, tokenizer, out_dir)
+        return written
