@@ -26,7 +26,7 @@ from ktae_jax.config.sections import (
 )
 
 __all__ = [
-    "INCLUDE_KEY", "RANGES", "SECTIONS", "AlgoSection", "ConfigError", "DataSection", "KTAESection", "LoraSection", "ModelSection",
-    "OptimSection", "RewardSection", "RolloutSection", "RunSection", "TrainConfig", "config_from_dict", "in_range",
-    "load_config", "parse_override",
+    "INCLUDE_KEY", "RANGES", "SECTIONS", "AlgoSection", "ConfigError", "DataSection", "KTAESection", "LoraSection",
+    "ModelSection", "OptimSection", "RewardSection", "RolloutSection", "RunSection", "TrainConfig", "config_from_dict",
+    "in_range", "load_config", "parse_override",
 ]
