@@ -101,6 +101,12 @@ def test_split_trains_only_the_adapters_and_bad_targets_are_named():
     assert sum(x.size for x in jax.tree.leaves(frozen)) == sum(x.size for x in jax.tree.leaves(full[1]))
     with pytest.raises(ValueError, match="qproj"):
         lora.LoraSpec(2, 4.0, ("qproj",))
+    from ktae_jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^lora: .*qproj"):
+        load_config([], ["lora.rank=4", "lora.targets=[qproj]"])
+    with pytest.raises(ConfigError, match="lora.rank"):
+        load_config([], ["lora.rank=-1"])
 
 
 # ---------------------------------------------------------------------------------------------- trainer
