@@ -7,7 +7,10 @@ tokens) into a folder and returns it. Other test modules (trainer, sampler) reus
 
 from __future__ import annotations
 
+import atexit
 import pathlib
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -57,7 +60,32 @@ def make_hf_checkpoint(
     All weights (biases included) are drawn normal(0, weight_std) and norm scales 1 + normal(0, 0.1)
     (Gemma's weights normal(0, 0.1): its scale is 1 + weight), so that biases and norms matter and
     greedy argmax is not decided by rounding noise.
+    The same arguments give the same files: a checkpoint built before in this session is copied.
     """
+    folder = pathlib.Path(tmp_path) / (name or f"{family}-{seed}")
+    key = repr((family, seed, weight_std, sorted(overrides.items())))
+    if key in _BUILT:
+        shutil.copytree(_BUILT[key], folder, dirs_exist_ok=True)
+        return folder
+    _build_hf_checkpoint(folder, family, seed, weight_std, overrides)
+    _BUILT[key] = pathlib.Path(tempfile.mkdtemp(dir=_built_root())) / "checkpoint"
+    shutil.copytree(folder, _BUILT[key])  # a private copy: the caller's folder may be changed by its test
+    return folder
+
+
+_BUILT: dict[str, pathlib.Path] = {}
+_ROOT: list[str] = []
+
+
+def _built_root() -> str:
+    if not _ROOT:
+        _ROOT.append(tempfile.mkdtemp(prefix="ktae-test-checkpoints-"))
+        atexit.register(shutil.rmtree, _ROOT[0], ignore_errors=True)
+    return _ROOT[0]
+
+
+def _build_hf_checkpoint(folder: pathlib.Path, family: str, seed: int, weight_std: float,
+                         overrides: dict[str, Any]) -> None:
     import torch
     from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
@@ -87,10 +115,8 @@ def make_hf_checkpoint(
                 param.copy_((0.0 if family == "gemma3_text" else 1.0) + 0.1 * torch.randn_like(param))
             else:
                 param.normal_(0.0, weight_std)
-    folder = pathlib.Path(tmp_path) / (name or f"{family}-{seed}")
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
-    return folder
 
 
 def left_padded_batch(

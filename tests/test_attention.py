@@ -115,7 +115,7 @@ def _logprob_loss(graphdef, shared: bool):
     return loss
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=None)  # the references (attention="xla") are shared by the tests below
 def _run(options: ModelOptions, shared: bool):
     """(log-probs, entropies, gradients) of the model with `options` (same weights for every options)."""
     graphdef, state = nnx.split(init_random(CONFIG, seed=4, options=options))
