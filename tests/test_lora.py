@@ -180,3 +180,26 @@ def test_reference_is_the_base_model(adapted):
     np.testing.assert_allclose(reference, logp(*nnx.split(base_only)), atol=1e-6)
     policy = logp(weights.graphdef, trained, weights.frozen)
     assert np.abs(policy - reference).max() > 1e-2  # the adapters do change the policy
+
+
+def test_adapters_on_fsdp_and_tensor_sharded_weights(adapted):
+    """On a 4 (fsdp) x 2 (tensor) mesh the adapters are split like the weights they adapt (A by W's
+    input axis, B by its output axis), and the sharded policy and the sampler's folded copy compute
+    the unsharded adapted model's logits."""
+    from ktae_jax.mesh import MeshConfig, make_mesh
+
+    checkpoint, model, ids = adapted
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    sharded, _ = load_pretrained(checkpoint, mesh=mesh)
+    weights = PolicyWeights(sharded, lora.LoraSpec(rank=4, alpha=8.0), seed=1, mesh=mesh, compute_dtype="float32")
+    _, trained, _ = split_policy(model)
+    params = jax.tree.map(lambda x, like: jax.device_put(x, like.sharding), trained, weights.initial)
+    assert weights.initial["layers"]["attn"]["q_lora_a"].sharding.spec[1] == "fsdp"  # E split like q's input
+    assert weights.initial["layers"]["mlp"]["down_lora_b"].sharding.spec[2] == "fsdp"  # E: down's output
+    assert weights.initial["layers"]["mlp"]["gate_lora_b"].sharding.spec[2] == "tensor"  # F: gate's output
+    ours = np.asarray(model(jnp.asarray(ids)))
+    policy = jax.jit(lambda p, f: nnx.merge(weights.graphdef, p, f)(jnp.asarray(ids)))(params, weights.frozen)
+    np.testing.assert_allclose(np.asarray(policy), ours, atol=1e-4, rtol=1e-4)
+    copy = weights.rollout_copy(params)
+    folded = jax.jit(lambda c: nnx.merge(weights.sample_graphdef, c)(jnp.asarray(ids)))(copy)
+    np.testing.assert_allclose(np.asarray(folded), ours, atol=1e-4, rtol=1e-4)
