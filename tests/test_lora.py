@@ -203,3 +203,5 @@ def test_adapters_on_fsdp_and_tensor_sharded_weights(adapted):
     copy = weights.rollout_copy(params)
     folded = jax.jit(lambda c: nnx.merge(weights.sample_graphdef, c)(jnp.asarray(ids)))(copy)
     np.testing.assert_allclose(np.asarray(folded), ours, atol=1e-4, rtol=1e-4)
+    whole = jax.jit(lambda s: nnx.merge(weights.sample_graphdef, s)(jnp.asarray(ids)))(weights.full_state(params))
+    np.testing.assert_allclose(np.asarray(whole), ours, atol=1e-4, rtol=1e-4)  # what validation samples from
