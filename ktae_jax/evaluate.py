@@ -292,26 +292,16 @@ def evaluate(
     out = pathlib.Path(out_dir)
     main = _is_main()
     _check_protocol(out, protocol, write=main)
-    graphdef, state = _split_policy(policy)
     stops = tuple(stop_ids) if stop_ids is not None else (int(tokenizer.eos_token_id),)
-    pad_id = pad_token_id(tokenizer, stops)
-    config = SamplingConfig(max_new_tokens=protocol.max_new_tokens, greedy=True, eos_ids=stops, pad_id=pad_id,
-                            beyond_positions=True)  # warned about below
-    key = _place(np.asarray(jax.random.PRNGKey(0)), mesh, replicated=True)  # unused by greedy decoding
+    config = SamplingConfig(max_new_tokens=protocol.max_new_tokens, greedy=True, eos_ids=stops,
+                            pad_id=pad_token_id(tokenizer, stops), beyond_positions=True)  # warned about below
 
     # 1-2. SELECT and RESUME
     done, todo, width, largest = _select(benchmarks, tokenizer, protocol, out, limit, main)
-    width = -(-width // _WIDTH_QUANTUM) * _WIDTH_QUANTUM
-    # No bigger batches than the largest benchmark needs (filler rows cost as much as real ones).
-    batch_prompts = min(batch_prompts, max(largest, 1))
-    per = batch_devices(mesh)  # every batch device gets the same number of prompts
-    batch_prompts = -(-batch_prompts // per) * per
-    pending = [item for items in todo.values() for item in items]
-    limit_pos = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
-    if pending and limit_pos and width + protocol.max_new_tokens > limit_pos:
-        warnings.warn(f"prompts of up to {width} tokens + {protocol.max_new_tokens} new tokens exceed the model's "
-                      f"max_position_embeddings={limit_pos}", stacklevel=2)
-
+    width, batch_prompts = _batch_shape(width, largest, batch_prompts, mesh)
+    pending = sum(map(len, todo.values()))
+    if pending:
+        _warn_beyond_positions(policy, width, protocol.max_new_tokens)
     own_pool = pool is None and main and bool(pending)
     if own_pool:
         pool = GraderPool(grade_workers, grade_timeout_s)
@@ -319,46 +309,22 @@ def evaluate(
     if progress and main and pending:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(pending), desc="eval", dynamic_ncols=True)
-    # While the device samples batch b+1, the pool grades batch b (`submit` returns a future).
-    graded: tuple | None = None  # (benchmark, items, texts, lengths, finished, future) of batch b
+        bar = tqdm(total=pending, desc="eval", dynamic_ncols=True)
 
-    def write(name: str, batch: list, texts: list, lengths: list, finished: list, future) -> None:
-        records = _append_records(out / f"{name}.jsonl", make_records(batch, texts, lengths, finished,
-                                                                       future.result().scores))
+    def written(name: str, records: list[dict[str, Any]]) -> None:
         done[name].update((r["index"], r) for r in records)
         if bar is not None:
             bar.update(len(records))
 
     try:
-        for name, items in todo.items():
-            for start in range(0, len(items), batch_prompts):
-                batch = items[start:start + batch_prompts]
-                # 3. SAMPLE: one fixed [batch_prompts, width] shape; filler rows repeat the first prompt.
-                seqs = [it["ids"] for it in batch] + [batch[0]["ids"]] * (batch_prompts - len(batch))
-                ids_PxT, mask_PxT = (_place(x, mesh) for x in left_pad(seqs, width, pad_id))
-                rollout = sample_jit(graphdef, state, ids_PxT, mask_PxT, key, config=config, mesh=mesh)  # async
-                if graded is not None:
-                    write(*graded)
-                    graded = None
-                tokens_PxR, lengths_P = to_host((rollout.tokens, rollout.lengths))  # host sync
-                if not main:
-                    continue
-                # 4. GRADE (in the background)
-                n = len(batch)
-                token_rows = [tokens_PxR[i, :lengths_P[i]].tolist() for i in range(n)]
-                texts = tokenizer.batch_decode(token_rows, skip_special_tokens=True)
-                finished = [bool(row) and row[-1] in stops for row in token_rows]
-                future = pool.submit(texts, [it["answer"] for it in batch])
-                graded = (name, batch, texts, lengths_P[:n].tolist(), finished, future)
-        if graded is not None:
-            write(*graded)
+        # 3-5. SAMPLE, GRADE, WRITE
+        _sample_grade_write(_split_policy(policy), tokenizer, todo, out, config=config, width=width,
+                            batch_prompts=batch_prompts, mesh=mesh, pool=pool if main else None, written=written)
     finally:
         if bar is not None:
             bar.close()
         if own_pool and pool is not None:
             pool.close()
-
     if not main:
         return None
     # 6. SUMMARISE
@@ -367,3 +333,61 @@ def evaluate(
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.md").write_text(markdown_table(summary))
     return summary
+
+
+def _batch_shape(width: int, largest: int, batch_prompts: int, mesh: Mesh | None) -> tuple[int, int]:
+    """(prompt width, prompts per batch) of the one compiled sampler: the width rounded up to
+    `_WIDTH_QUANTUM`; no bigger batches than the largest benchmark needs (filler rows cost as much
+    as real ones), rounded up so that every batch device gets the same number of prompts."""
+    width = -(-width // _WIDTH_QUANTUM) * _WIDTH_QUANTUM
+    batch_prompts = min(batch_prompts, max(largest, 1))
+    per = batch_devices(mesh)
+    return width, -(-batch_prompts // per) * per
+
+
+def _warn_beyond_positions(policy: Any, width: int, max_new_tokens: int) -> None:
+    """A warning (not an error: one long benchmark prompt must not stop an evaluation) when prompts
+    and responses may run past the model's max_position_embeddings."""
+    limit_pos = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+    if limit_pos and width + max_new_tokens > limit_pos:
+        warnings.warn(f"prompts of up to {width} tokens + {max_new_tokens} new tokens exceed the model's "
+                      f"max_position_embeddings={limit_pos}", stacklevel=3)
+
+
+def _sample_grade_write(split: tuple[nnx.GraphDef, nnx.State], tokenizer: Any, todo: dict[str, list[dict]],
+                        out: pathlib.Path, *, config: SamplingConfig, width: int, batch_prompts: int,
+                        mesh: Mesh | None, pool: GraderPool | None, written: Any) -> None:
+    """Steps 3-5 over every row of `todo`, pipelined: while the device samples batch b+1, the pool
+    grades batch b (`submit` returns a future), whose records are then appended to its benchmark's
+    JSONL and passed to `written(name, records)`. Without `pool` (processes other than 0) the
+    batches are only sampled: the mesh needs every process."""
+    graphdef, state = split
+    key = _place(np.asarray(jax.random.PRNGKey(0)), mesh, replicated=True)  # unused by greedy decoding
+    graded: tuple | None = None  # (benchmark, items, texts, lengths, finished, future) of batch b
+
+    def write(name: str, batch: list, texts: list, lengths: list, finished: list, future) -> None:
+        written(name, _append_records(out / f"{name}.jsonl",
+                                      make_records(batch, texts, lengths, finished, future.result().scores)))
+
+    for name, items in todo.items():
+        for start in range(0, len(items), batch_prompts):
+            batch = items[start:start + batch_prompts]
+            # 3. SAMPLE: one fixed [batch_prompts, width] shape; filler rows repeat the first prompt.
+            seqs = [it["ids"] for it in batch] + [batch[0]["ids"]] * (batch_prompts - len(batch))
+            ids_PxT, mask_PxT = (_place(x, mesh) for x in left_pad(seqs, width, config.pad_id))
+            rollout = sample_jit(graphdef, state, ids_PxT, mask_PxT, key, config=config, mesh=mesh)  # async
+            if graded is not None:
+                write(*graded)
+                graded = None
+            tokens_PxR, lengths_P = to_host((rollout.tokens, rollout.lengths))  # host sync
+            if pool is None:
+                continue
+            # 4. GRADE (in the background)
+            n = len(batch)
+            token_rows = [tokens_PxR[i, :lengths_P[i]].tolist() for i in range(n)]
+            texts = tokenizer.batch_decode(token_rows, skip_special_tokens=True)
+            finished = [bool(row) and row[-1] in config.eos_ids for row in token_rows]
+            graded = (name, batch, texts, lengths_P[:n].tolist(), finished,
+                      pool.submit(texts, [it["answer"] for it in batch]))
+    if graded is not None:
+        write(*graded)

@@ -203,91 +203,109 @@ class GraderPool:
         self.restarts += 1
 
     def _schedule(self, items: list[tuple[int, str, list[str]]]) -> GradeResult:
-        t0 = time.monotonic()
-        n = len(items)
-        scores = [0.0] * n
-        statuses: list[str | None] = [None] * n
-        queue = collections.deque(items)
-        remaining = n
-        failed_starts = 0
+        batch = _Batch(items)
+        while batch.remaining:
+            self._assign(batch)
+            ready = self._wait()
+            self._collect(batch, ready)
+            self._enforce(batch)
+        return batch.result()
 
-        def fail_head(w: _Worker, status: str) -> None:
-            """The worker's current item scores 0 with `status`; the rest are re-queued."""
-            nonlocal remaining
-            if w.inflight:
-                head = w.inflight.popleft()
-                statuses[head] = status
-                remaining -= 1
-                queue.extendleft(items[i] for i in reversed(w.inflight))
-                w.inflight.clear()
-            self._replace(w)
-
-        while remaining:
-            # ASSIGN: idle ready workers take a chunk; small chunks keep the tail short.
-            chunk_size = max(1, min(16, -(-len(queue) // (4 * self.num_workers))))
-            for w in self._workers:
-                if w.ready and not w.inflight and queue:
-                    chunk = [queue.popleft() for _ in range(min(chunk_size, len(queue)))]
-                    try:
-                        w.send(chunk)
-                    except OSError:  # died while idle: requeue, replace
-                        w.inflight.clear()
-                        queue.extendleft(reversed(chunk))
-                        self._replace(w)
-
-            # WAIT: until a message arrives or the earliest deadline passes.
-            now = time.monotonic()
-            deadlines = [w.item_started + self.timeout_s for w in self._workers if w.inflight]
-            deadlines += [w.started + STARTUP_TIMEOUT_S for w in self._workers if not w.ready]
-            wait_s = max(0.0, min(deadlines) - now) if deadlines else None
-            ready = wait([w.inbox for w in self._workers], timeout=wait_s)
-
-            # COLLECT: results stream in one per item.
-            for w in list(self._workers):
-                if w.inbox not in ready:
-                    continue
+    def _assign(self, batch: _Batch) -> None:
+        """ASSIGN: idle ready workers take a chunk; small chunks keep the tail short."""
+        chunk_size = max(1, min(16, -(-len(batch.queue) // (4 * self.num_workers))))
+        for w in self._workers:
+            if w.ready and not w.inflight and batch.queue:
+                chunk = [batch.queue.popleft() for _ in range(min(chunk_size, len(batch.queue)))]
                 try:
-                    while w.inbox.poll():
-                        message = w.inbox.recv()
-                        if message[0] == "ready":
-                            w.ready, failed_starts = True, 0
-                            continue
-                        _, index, score, status = message
-                        head = w.inflight.popleft()
-                        if head != index:
-                            raise RuntimeError(f"worker answered item {index}, expected {head}")
-                        scores[index], statuses[index] = score, status
-                        remaining -= 1
-                        w.item_started = time.monotonic()
-                except (EOFError, OSError):
-                    if not w.ready:
-                        failed_starts += 1
-                        if failed_starts > 2 * self.num_workers:
-                            raise RuntimeError(
-                                "grading workers exit during start-up (see their stderr above);"
-                                f" command: {w.proc.args}"
-                            ) from None
-                    fail_head(w, "crash")
+                    w.send(chunk)
+                except OSError:  # died while idle: requeue, replace
+                    w.inflight.clear()
+                    batch.queue.extendleft(reversed(chunk))
+                    self._replace(w)
 
-            # ENFORCE: kill whatever ran past its limit.
-            now = time.monotonic()
-            for w in list(self._workers):
-                if w.inflight and now - w.item_started > self.timeout_s:
-                    fail_head(w, "timeout")
-                elif not w.ready and now - w.started > STARTUP_TIMEOUT_S:
-                    raise RuntimeError(
-                        f"a grading worker did not start within {STARTUP_TIMEOUT_S:.0f} s"
-                    )
+    def _wait(self) -> list[object]:
+        """WAIT: until a message arrives or the earliest deadline passes; the inboxes ready to read."""
+        now = time.monotonic()
+        deadlines = [w.item_started + self.timeout_s for w in self._workers if w.inflight]
+        deadlines += [w.started + STARTUP_TIMEOUT_S for w in self._workers if not w.ready]
+        wait_s = max(0.0, min(deadlines) - now) if deadlines else None
+        return wait([w.inbox for w in self._workers], timeout=wait_s)
 
+    def _collect(self, batch: _Batch, ready: list[object]) -> None:
+        """COLLECT: results stream in one per item; a worker that died costs its current item."""
+        for w in list(self._workers):
+            if w.inbox not in ready:
+                continue
+            try:
+                while w.inbox.poll():
+                    message = w.inbox.recv()
+                    if message[0] == "ready":
+                        w.ready, batch.failed_starts = True, 0
+                        continue
+                    _, index, score, status = message
+                    head = w.inflight.popleft()
+                    if head != index:
+                        raise RuntimeError(f"worker answered item {index}, expected {head}")
+                    batch.record(index, score, status)
+                    w.item_started = time.monotonic()
+            except (EOFError, OSError):
+                if not w.ready:
+                    batch.failed_starts += 1
+                    if batch.failed_starts > 2 * self.num_workers:
+                        raise RuntimeError(
+                            "grading workers exit during start-up (see their stderr above);"
+                            f" command: {w.proc.args}"
+                        ) from None
+                self._fail_head(batch, w, "crash")
+
+    def _enforce(self, batch: _Batch) -> None:
+        """ENFORCE: kill whatever ran past its limit."""
+        now = time.monotonic()
+        for w in list(self._workers):
+            if w.inflight and now - w.item_started > self.timeout_s:
+                self._fail_head(batch, w, "timeout")
+            elif not w.ready and now - w.started > STARTUP_TIMEOUT_S:
+                raise RuntimeError(
+                    f"a grading worker did not start within {STARTUP_TIMEOUT_S:.0f} s"
+                )
+
+    def _fail_head(self, batch: _Batch, w: _Worker, status: str) -> None:
+        """The worker's current item scores 0 with `status`; the rest are re-queued; `w` is replaced."""
+        if w.inflight:
+            batch.record(w.inflight.popleft(), 0.0, status)
+            batch.queue.extendleft(batch.items[i] for i in reversed(w.inflight))
+            w.inflight.clear()
+        self._replace(w)
+
+
+class _Batch:
+    """One `grade` call's state: a score and a status per item, the items not yet sent to a worker."""
+
+    def __init__(self, items: list[tuple[int, str, list[str]]]) -> None:
+        self.t0 = time.monotonic()
+        self.items = items
+        self.scores = [0.0] * len(items)
+        self.statuses: list[str | None] = [None] * len(items)
+        self.queue = collections.deque(items)
+        self.remaining = len(items)
+        self.failed_starts = 0  # workers in a row that died before they were ready
+
+    def record(self, index: int, score: float, status: str | None) -> None:
+        self.scores[index], self.statuses[index] = score, status
+        self.remaining -= 1
+
+    def result(self) -> GradeResult:
+        statuses = self.statuses
         timed_out = tuple(i for i, s in enumerate(statuses) if s == "timeout")
         crashed = tuple(i for i, s in enumerate(statuses) if s == "crash")
         return GradeResult(
-            scores=scores,
+            scores=self.scores,
             timeouts=len(timed_out),
             crashes=len(crashed),
             errors=sum(s is not None and s.startswith("error") for s in statuses),
             no_answer=sum(s == "no_answer" for s in statuses),
-            wall_s=time.monotonic() - t0,
+            wall_s=time.monotonic() - self.t0,
             timed_out=timed_out,
             crashed=crashed,
         )
