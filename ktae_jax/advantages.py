@@ -1,7 +1,7 @@
 """Advantage estimators the trainer chooses from: pure functions of rewards (and tokens) over groups.
 
 Rows are grouped contiguously: the G rollouts of prompt i are rows i*G .. i*G + G - 1.
-Letters: N rollouts (rows), P groups (one per prompt) of G rollouts, L response tokens.
+Letters: N rollouts (rows), P groups (one per prompt) of G rollouts, R response columns.
 
 Rollout-level estimators (one number per rollout), every one of them in this module only:
   * ``grpo``:    (r - mean_group) / (std_group + eps), unbiased std (ddof = 1) as the paper's code;
@@ -51,8 +51,8 @@ ESTIMATORS: tuple[str, ...] = typing.get_args(Estimator)
 class TokenAdvantages(NamedTuple):
     """What the update trains on, and the KTAE part of it for the diagnostics."""
 
-    advantages: jax.Array  # [N, L] float32: mask * (rollout advantage + key score)
-    key_scores: jax.Array | None  # [N, L] float32 KTAE key scores (0 where masked); None without KTAE
+    advantages: jax.Array  # [N, R] float32: mask * (rollout advantage + key score)
+    key_scores: jax.Array | None  # [N, R] float32 KTAE key scores (0 where masked); None without KTAE
 
 
 def _centred(rewards_PxG):
@@ -108,7 +108,7 @@ def token_advantages(
     mesh: Mesh | None = None,
     batch_axes: tuple[str, ...] = BATCH_AXES,
 ) -> TokenAdvantages:
-    """`[N, L]` tokens, `[N, L]` mask, `[N]` shaped rewards, `[N]` verdicts (optional) -> `TokenAdvantages`.
+    """`[N, R]` tokens, `[N, R]` mask, `[N]` shaped rewards, `[N]` verdicts (optional) -> `TokenAdvantages`.
 
     `advantages = mask * (rollout advantage [+ KTAE key score])`. KTAE's correct/wrong split is
     `correct > 0` (the grader's verdict), or `rewards > 0` when no verdict is given. Groups whose
@@ -118,20 +118,20 @@ def token_advantages(
     `batch_axes`: each device scores only its own groups, which must therefore be whole
     (rows per device a multiple of `group_size`); no group is ever split across devices.
     """
-    mask_NxL = jnp.asarray(mask).astype(bool)
+    mask_NxR = jnp.asarray(mask).astype(bool)
     rollout_N = rollout_advantages(rewards, group_size=group_size, estimator=estimator, eps=eps)
-    adv_NxL = jnp.broadcast_to(rollout_N[:, None], mask_NxL.shape)
-    key_NxL = None
+    adv_NxR = jnp.broadcast_to(rollout_N[:, None], mask_NxR.shape)
+    key_NxR = None
     if ktae is not None:
         verdict_N = jnp.asarray(rewards if correct is None else correct, jnp.float32)
         score = functools.partial(key_scores_at_tokens, group_size=group_size, vocab_size=vocab_size, config=ktae)
         if mesh is not None:
-            score = shard_over_groups(score, mesh, batch_axes, group_size, batch=mask_NxL.shape[0])
-        key_NxL = score(tokens, mask_NxL, verdict_N)
+            score = shard_over_groups(score, mesh, batch_axes, group_size, batch=mask_NxR.shape[0])
+        key_NxR = score(tokens, mask_NxR, verdict_N)
         silent_N = uniform_rows(rewards, group_size=group_size)
-        key_NxL = jnp.where(mask_NxL & ~silent_N[:, None], key_NxL, 0.0).astype(jnp.float32)
-        adv_NxL = adv_NxL + key_NxL
-    return TokenAdvantages(jnp.where(mask_NxL, adv_NxL, 0.0).astype(jnp.float32), key_NxL)
+        key_NxR = jnp.where(mask_NxR & ~silent_N[:, None], key_NxR, 0.0).astype(jnp.float32)
+        adv_NxR = adv_NxR + key_NxR
+    return TokenAdvantages(jnp.where(mask_NxR, adv_NxR, 0.0).astype(jnp.float32), key_NxR)
 
 
 def shard_over_groups(fn, mesh: Mesh, batch_axes: tuple[str, ...], group_size: int, *, batch: int):

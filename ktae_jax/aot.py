@@ -34,7 +34,7 @@ from ktae_jax import hardware
 from ktae_jax import mesh as mesh_lib
 from ktae_jax.config import TrainConfig
 from ktae_jax.models.lora import add_adapters, folded_graphdef, folded_state
-from ktae_jax.sample import SamplingConfig, sample_jit
+from ktae_jax.sample import sample_jit
 from ktae_jax.step import (TrainState, UpdateBatch, UpdateSettings, make_optimizer, optimizer_shardings,
                            rollout_logprobs, split_policy, train_step)
 
@@ -129,9 +129,7 @@ def program_inputs(cfg: TrainConfig, mesh, run: AbstractRun) -> dict[str, tuple[
     # The trainer samples a step's prompts in one call on `sample_prompts_per_device` x G decode
     # slots per device, from the rollout copy of the policy (compute dtype, no FSDP split).
     prompts = r.prompts_per_step
-    sampling = SamplingConfig(max_new_tokens=resp, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              eos_ids=(0,), num_samples=r.group_size,
-                              slots=r.sample_prompts_per_device * batch_devices * r.group_size)
+    sampling = cfg.to_sampling(stop_ids=(0,), pad_id=0, batch_devices=batch_devices)  # the ids don't change shapes
     compute = jnp.dtype(cfg.model.compute_dtype)
     # LoRA: the sampler reads the base with the adapters folded in (`adapters.PolicyWeights.rollout_copy`).
     whole = (jax.eval_shape(lambda p, f: folded_state(run.graphdef, p, f), run.state.params, run.frozen)

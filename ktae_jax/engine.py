@@ -76,13 +76,13 @@ class Limits(NamedTuple):
     pad_id: int
 
 
-def prefill(model: Transformer, ids_PxT: Array, mask_PxT: Array) -> Prompts:
+def prefill(model: Transformer, ids_PxTp: Array, mask_PxTp: Array) -> Prompts:
     """PREFILL each prompt once into a cache of exactly Tp slots."""
-    p, tp = ids_PxT.shape
-    hidden, cache = model.hidden(ids_PxT, mask_PxT, cache=init_cache(model.config, p, tp, model.dtype))
+    p, tp = ids_PxTp.shape
+    hidden, cache = model.hidden(ids_PxTp, mask_PxTp, cache=init_cache(model.config, p, tp, model.dtype))
     # Left padding: the last column is each prompt's last token; only its logits are needed.
     logits = model.logits(hidden[:, -1:])[:, 0]
-    return Prompts(cache.k, cache.v, mask_PxT.astype(bool), mask_PxT.sum(-1).astype(jnp.int32), logits)
+    return Prompts(cache.k, cache.v, mask_PxTp.astype(bool), mask_PxTp.sum(-1).astype(jnp.int32), logits)
 
 
 def _refill(slots: Slots, prompts: Prompts, next_row: Array, lim: Limits, place: Place) -> tuple[Slots, Array]:

@@ -17,6 +17,8 @@ The steps of `evaluate`:
   6. SUMMARISE  summary.json and summary.md (benchmarks as columns, like the paper's table)
 On several hosts every process samples (the batches are sharded over the mesh) and process 0
 grades, writes and summarises; the others return None.
+
+Letters: P prompts of a batch (one greedy response each), T prompt columns, R response columns.
 """
 
 from __future__ import annotations

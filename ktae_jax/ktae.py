@@ -25,14 +25,14 @@ How it is made fast (the paper's step: 1,024 groups x 16 rollouts x 3,072 tokens
     tabulated once per group size in float64 on the host at trace time ([G+1]^3 entries, a
     compile-time constant) and looked up on device: no Fisher sums on device.
   * The per-id counts come from scatters into one vocabulary-sized table per group (cheap: a
-    memset and O(G L) scattered writes; sorting is ~15x slower in XLA on CPU). Rollout presence
+    memset and O(G R) scattered writes; sorting is ~15x slower in XLA on CPU). Rollout presence
     (a, b) is deduplicated without sorting: rollouts are visited one at a time and every
     occurrence of v in rollout g writes the same value `count[v] + inc[g]`, so duplicates
     within a rollout collapse and each (v, g) pair counts once.
   * Groups are `vmap`ped in chunks with `lax.map(batch_size=...)`, so only a few
-    vocabulary-sized tables are alive at once; nothing of shape [N, L, V] or [P, V] exists.
+    vocabulary-sized tables are alive at once; nothing of shape [N, R, V] or [P, V] exists.
 
-Letters: N rollouts (rows of a batch), P groups (one per prompt) of G rollouts, L response
+Letters: N rollouts (rows of a batch), P groups (one per prompt) of G rollouts, R response
 tokens, V the vocabulary.
 """
 
@@ -169,12 +169,12 @@ def _stat_tables(group_size: int, alpha: float, beta: float, zero_fisher_at_p1: 
 class _GroupCounts:
     """Per-id counts of one group, as vocabulary-sized tables (plus one dump slot at index V)."""
 
-    def __init__(self, tokens_GxL, mask_GxL, correct_G, vocab_size: int):
-        G, _ = tokens_GxL.shape
-        valid_GxL = mask_GxL.astype(bool) & (tokens_GxL >= 0) & (tokens_GxL < vocab_size)
+    def __init__(self, tokens_GxR, mask_GxR, correct_G, vocab_size: int):
+        G, _ = tokens_GxR.shape
+        valid_GxR = mask_GxR.astype(bool) & (tokens_GxR >= 0) & (tokens_GxR < vocab_size)
         # Masked-out positions point at the dump slot V, which nothing reads.
-        self.ids_GxL = jnp.where(valid_GxL, tokens_GxL, vocab_size).astype(jnp.int32)
-        self.valid_GxL = valid_GxL
+        self.ids_GxR = jnp.where(valid_GxR, tokens_GxR, vocab_size).astype(jnp.int32)
+        self.valid_GxR = valid_GxR
         self.vocab_size = vocab_size
         self.group_size = G
         self.n_c = jnp.sum(correct_G.astype(jnp.int32))
@@ -183,21 +183,21 @@ class _GroupCounts:
         increment_G = jnp.where(correct_G, 1, G + 1).astype(jnp.int32)
 
         def add_rollout(g, presence_V):
-            ids_L = self.ids_GxL[g]
-            return presence_V.at[ids_L].set(presence_V[ids_L] + increment_G[g])
+            ids_R = self.ids_GxR[g]
+            return presence_V.at[ids_R].set(presence_V[ids_R] + increment_G[g])
 
         # Zeros derived from the inputs, so that under shard_map the loop carry has the inputs'
         # (device-varying) type.
-        zeros_V = jnp.zeros(vocab_size + 1, jnp.int32) + 0 * self.ids_GxL[0, 0]
+        zeros_V = jnp.zeros(vocab_size + 1, jnp.int32) + 0 * self.ids_GxR[0, 0]
         self.presence_V = lax.fori_loop(0, G, add_rollout, zeros_V, unroll=_UNROLL)
 
         # Term frequencies: masked occurrences of v in C, and over the whole group.
-        correct_GxL = jnp.broadcast_to(correct_G[:, None], tokens_GxL.shape) & valid_GxL
-        flat_ids = self.ids_GxL.reshape(-1)
+        correct_GxR = jnp.broadcast_to(correct_G[:, None], tokens_GxR.shape) & valid_GxR
+        flat_ids = self.ids_GxR.reshape(-1)
         self.occ_all_V = jnp.zeros(vocab_size + 1, jnp.int32).at[flat_ids].add(1)
-        self.occ_c_V = jnp.zeros(vocab_size + 1, jnp.int32).at[flat_ids].add(correct_GxL.reshape(-1).astype(jnp.int32))
-        self.len_c = jnp.sum(correct_GxL).astype(jnp.float32)
-        self.len_w = jnp.sum(valid_GxL).astype(jnp.float32) - self.len_c
+        self.occ_c_V = jnp.zeros(vocab_size + 1, jnp.int32).at[flat_ids].add(correct_GxR.reshape(-1).astype(jnp.int32))
+        self.len_c = jnp.sum(correct_GxR).astype(jnp.float32)
+        self.len_w = jnp.sum(valid_GxR).astype(jnp.float32) - self.len_c
 
 
 def _key_from_counts(presence, occ_all, occ_c, counts: _GroupCounts, config: KTAEConfig):
@@ -242,26 +242,26 @@ def _check_group_size(group_size: int):
 
 @functools.partial(jax.jit, static_argnames=("vocab_size", "config"))
 def key_token_scores(tokens, mask, rewards, *, vocab_size: int, config: KTAEConfig = KTAEConfig()):
-    """Key score of every token id for one group: `[G, L]`, `[G, L]`, `[G]` -> `[vocab_size]` float32.
+    """Key score of every token id for one group: `[G, R]`, `[G, R]`, `[G]` -> `[vocab_size]` float32.
 
     Rollout g counts as correct where `rewards[g] > 0`: pass the grader's verdicts (0/1) when the
     rewards are shaped."""
-    tokens_GxL, mask_GxL, rewards_G = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(rewards)
-    _check_group_size(tokens_GxL.shape[0])
-    counts = _GroupCounts(tokens_GxL, mask_GxL, rewards_G > 0, vocab_size)
+    tokens_GxR, mask_GxR, rewards_G = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(rewards)
+    _check_group_size(tokens_GxR.shape[0])
+    counts = _GroupCounts(tokens_GxR, mask_GxR, rewards_G > 0, vocab_size)
     key_V = _key_from_counts(
         counts.presence_V[:vocab_size], counts.occ_all_V[:vocab_size], counts.occ_c_V[:vocab_size], counts, config
     )
     return _zero_ignored(key_V, jnp.arange(vocab_size), config)
 
 
-def _group_key_at_tokens(tokens_GxL, mask_GxL, rewards_G, vocab_size: int, config: KTAEConfig):
+def _group_key_at_tokens(tokens_GxR, mask_GxR, rewards_G, vocab_size: int, config: KTAEConfig):
     """Key score of the token at every position of one group; 0 at masked-out positions."""
-    counts = _GroupCounts(tokens_GxL, mask_GxL, rewards_G > 0, vocab_size)
-    ids = counts.ids_GxL
-    key_GxL = _key_from_counts(counts.presence_V[ids], counts.occ_all_V[ids], counts.occ_c_V[ids], counts, config)
-    key_GxL = _zero_ignored(key_GxL, tokens_GxL, config)
-    return jnp.where(counts.valid_GxL, key_GxL, 0.0)
+    counts = _GroupCounts(tokens_GxR, mask_GxR, rewards_G > 0, vocab_size)
+    ids = counts.ids_GxR
+    key_GxR = _key_from_counts(counts.presence_V[ids], counts.occ_all_V[ids], counts.occ_c_V[ids], counts, config)
+    key_GxR = _zero_ignored(key_GxR, tokens_GxR, config)
+    return jnp.where(counts.valid_GxR, key_GxR, 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "vocab_size", "config", "groups_per_chunk"))
@@ -275,7 +275,7 @@ def key_scores_at_tokens(
     config: KTAEConfig = KTAEConfig(),
     groups_per_chunk: int | None = None,
 ):
-    """`[N, L]`, `[N, L]`, `[N]` -> `[N, L]`: each position's key score within its group (0 if masked).
+    """`[N, R]`, `[N, R]`, `[N]` -> `[N, R]`: each position's key score within its group (0 if masked).
 
     The third argument decides the split (correct where > 0): the grader's verdicts, or rewards
     that are a function of them alone (0/1, +-1).
@@ -286,26 +286,26 @@ def key_scores_at_tokens(
     """
     if groups_per_chunk is None:
         groups_per_chunk = 1 if jax.default_backend() == "cpu" else 16
-    tokens_NxL, mask_NxL, rewards_N = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(rewards)
-    N, L = tokens_NxL.shape
+    tokens_NxR, mask_NxR, rewards_N = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(rewards)
+    N, R = tokens_NxR.shape
     _check_group_size(group_size)
     if N % group_size:
         raise ValueError(f"batch of {N} rollouts is not a whole number of groups of {group_size}")
     n_groups = N // group_size
     grouped = (
-        tokens_NxL.reshape(n_groups, group_size, L),
-        mask_NxL.reshape(n_groups, group_size, L),
+        tokens_NxR.reshape(n_groups, group_size, R),
+        mask_NxR.reshape(n_groups, group_size, R),
         rewards_N.reshape(n_groups, group_size),
     )
     per_group = functools.partial(_group_key_at_tokens, vocab_size=vocab_size, config=config)
-    key_PxGxL = lax.map(lambda xs: per_group(*xs), grouped, batch_size=min(groups_per_chunk, n_groups))
-    return key_PxGxL.reshape(N, L)
+    key_PxGxR = lax.map(lambda xs: per_group(*xs), grouped, batch_size=min(groups_per_chunk, n_groups))
+    return key_PxGxR.reshape(N, R)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "vocab_size", "config"))
 def ktae_advantages(tokens, mask, rewards, *, group_size: int, vocab_size: int, config: KTAEConfig = KTAEConfig(),
                     correct=None):
-    """Token-level KTAE advantage `mask * (A_grpo + key)`: `[N, L]`, `[N, L]`, `[N]` -> `[N, L]` float32.
+    """Token-level KTAE advantage `mask * (A_grpo + key)`: `[N, R]`, `[N, R]`, `[N]` -> `[N, R]` float32.
 
     The correct/wrong split is `correct > 0` when the grader's verdicts are given, else `rewards > 0`;
     the GRPO part (`advantages.rollout_advantages`, eps = `config.eps`) uses `rewards`.

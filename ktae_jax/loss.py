@@ -22,7 +22,8 @@ are clamped to +-20 before `exp` (as verl does) so that an extreme but unmasked 
 overflow float32 (exp overflows past ~88.7); beyond the clamp that token's ratio and k3 stop
 growing and carry no gradient, which the PPO clip and low_var_kl's clamp would mostly do anyway.
 
-Knows nothing of models: every input is an array of per-token numbers.
+Knows nothing of models: every input is an array of per-token numbers, `[N, R]` (N rollouts of
+the micro-batch, R response columns).
 """
 
 from __future__ import annotations
@@ -78,11 +79,11 @@ def clipped_surrogate(logp, old_logp, adv, *, clip_low: float, clip_high: float,
     return pg, ppo_clipped, dual_clipped
 
 
-def aggregate(loss_BxT, mask_BxT, mode: str, norm: Normalisers):
+def aggregate(loss_NxR, mask_NxR, mode: str, norm: Normalisers):
     """Step 5: this slice's share of the mini-batch loss."""
-    keep = mask_BxT.astype(bool)
-    mask = keep.astype(loss_BxT.dtype)
-    masked = jnp.where(keep, loss_BxT, 0)
+    keep = mask_NxR.astype(bool)
+    mask = keep.astype(loss_NxR.dtype)
+    masked = jnp.where(keep, loss_NxR, 0)
     if mode == "token-mean":
         return masked.sum() / jnp.maximum(norm.num_tokens, 1)
     if mode == "seq-mean-token-mean":

@@ -169,18 +169,18 @@ def _slot_count(num_prompts: int, config: SamplingConfig, devices: int) -> int:
 
 
 def sample_from_state(
-    graphdef: nnx.GraphDef, state: nnx.State, prompt_ids_PxT: Array, prompt_mask_PxT: Array, key: Array,
+    graphdef: nnx.GraphDef, state: nnx.State, prompt_ids_PxTp: Array, prompt_mask_PxTp: Array, key: Array,
     *, config: SamplingConfig, mesh: Mesh | None = None, stop_lengths_N: Array | None = None,
 ) -> Rollout:
     """The pure sampler (see the module docstring); jit it with `config`, `graphdef`, `mesh` static.
 
     `stop_lengths_N` forces row n to stop after that many tokens (benchmarks with random models)."""
     model: Transformer = nnx.merge(graphdef, state)
-    p, tp = prompt_ids_PxT.shape
+    p, tp = prompt_ids_PxTp.shape
     devices = batch_devices(mesh)
     slots = check_shapes(model, p, tp, config, devices)
     place = functools.partial(constrain_batch, mesh=mesh)
-    prompts = engine.prefill(model, prompt_ids_PxT, prompt_mask_PxT)
+    prompts = engine.prefill(model, prompt_ids_PxTp, prompt_mask_PxTp)
     lim = engine.Limits(p * config.num_samples, config.max_new_tokens, config.num_samples, config.eos_ids,
                         config.pad_id)
     choose = lambda logits, u: choose_tokens(logits, None, config, u)  # noqa: E731
@@ -205,11 +205,11 @@ def decode_params(params: nnx.State, mesh: Mesh | None, dtype) -> nnx.State:
 
 
 def sample(
-    model: Transformer, prompt_ids_PxT, prompt_mask_PxT, key: Array, config: SamplingConfig,
+    model: Transformer, prompt_ids_PxTp, prompt_mask_PxTp, key: Array, config: SamplingConfig,
     *, mesh: Mesh | None = None, stop_lengths_N=None,
 ) -> Rollout:
     """Convenience wrapper: checks the prompts, places them on `mesh`, calls the jitted sampler."""
-    ids, mask = np.asarray(prompt_ids_PxT), np.asarray(prompt_mask_PxT)
+    ids, mask = np.asarray(prompt_ids_PxTp), np.asarray(prompt_mask_PxTp)
     if ids.ndim != 2 or ids.shape != mask.shape:
         raise ValueError(f"prompt ids {ids.shape} and mask {mask.shape} must be the same [P, T] shape")
     if not np.all(mask[:, -1]):

@@ -66,11 +66,11 @@ def key_score_html(pieces: Sequence[str], scores: Sequence[float], *, scale: flo
     tooltip the score. `scale` (default: the largest |score|) is the score drawn at full colour."""
     if len(pieces) != len(scores):
         raise ValueError(f"{len(pieces)} token pieces but {len(scores)} scores")
-    scores_L = np.asarray(scores, np.float64)
+    scores_R = np.asarray(scores, np.float64)
     if scale is None:
-        scale = float(np.max(np.abs(scores_L))) if scores_L.size else 0.0
+        scale = float(np.max(np.abs(scores_R))) if scores_R.size else 0.0
     spans = []
-    for piece, score in zip(pieces, scores_L):
+    for piece, score in zip(pieces, scores_R):
         text = html.escape(piece).replace("\n", "&#9166;<br>")
         spans.append(f'<span class="ktae-token" title="{score:+.3f}" '
                      f'style="background-color: {score_color(score, scale)}">{text}</span>')

@@ -15,7 +15,7 @@ from ktae_reference import naive_group_scores, naive_ktae_advantages
 
 from ktae_jax.advantages import ESTIMATORS, rollout_advantages, token_advantages
 from ktae_jax.ktae import KTAEConfig, ktae_advantages
-from ktae_jax.rewards import RewardConfig, compute_rewards
+from ktae_jax.rewards import RewardConfig, reward_parts
 
 
 def _batch(seed, n_groups=8, G=4, L=10, V=13):
@@ -207,7 +207,7 @@ def test_ktae_splits_on_the_verdict_not_the_shaped_reward(shaping, estimator):
         "overlong_penalty": RewardConfig(kind="correctness", overlong_buffer=4, max_response_len=L),
         "dapo_overlong": RewardConfig(kind="dapo", overlong_buffer=4, max_response_len=L, overlong_factor=2.0),
     }[shaping]
-    shaped = compute_rewards(verdicts, lengths, config, responses=texts)
+    shaped = reward_parts(verdicts, lengths, config, responses=texts)[1]
     # The shaping really moves rollouts across 0: reward > 0 is not the verdict here.
     assert np.any((shaped > 0) != (verdicts > 0))
     expected = _expected_verdict_split(tokens, mask, shaped, verdicts, G, estimator)

@@ -5,7 +5,8 @@ import pathlib
 import pytest
 
 from ktae_jax.cli.train import main as train_main
-from ktae_jax.config import ConfigError, TrainConfig, config_from_dict, load_config
+from ktae_jax import rundir
+from ktae_jax.config import ConfigError, TrainConfig, load_config
 from ktae_jax.plan import dry_run
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -17,7 +18,9 @@ def test_defaults_overrides_and_round_trip(tmp_path):
                            "ktae.enabled=true"])
     assert cfg.algo.kl_coef == 0.001 and cfg.optim.lr == 1e-4 and cfg.ktae.enabled
     assert cfg.data.train_files == ("a.jsonl", "b.parquet")
-    assert config_from_dict(cfg.to_dict()) == cfg
+    # A run directory's config.yaml (written from to_dict) loads back as the same config.
+    rundir.record_config(tmp_path, cfg.to_dict(), start_step=0)
+    assert load_config([tmp_path / "config.yaml"]) == cfg
     first = tmp_path / "a.yaml"
     first.write_text("rollout:\n  group_size: 4\nalgo:\n  clip_high: 0.28\n")
     second = tmp_path / "b.yaml"

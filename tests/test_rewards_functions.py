@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ktae_jax.rewards import RewardConfig, compute_rewards, reward_parts
+from ktae_jax.rewards import RewardConfig, reward_parts
 
 
 def length_bonus(responses, references, correct_N):
@@ -16,9 +16,9 @@ def length_bonus(responses, references, correct_N):
 
 def test_correctness_and_dapo_base_rewards():
     correct, lengths = [1.0, 0.0, 1.0], [5, 6, 7]
-    np.testing.assert_array_equal(compute_rewards(correct, lengths, RewardConfig()), [1, 0, 1])
+    np.testing.assert_array_equal(reward_parts(correct, lengths, RewardConfig())[1], [1, 0, 1])
     dapo = RewardConfig(kind="dapo")
-    np.testing.assert_array_equal(compute_rewards(correct, lengths, dapo), [1, -1, 1])
+    np.testing.assert_array_equal(reward_parts(correct, lengths, dapo)[1], [1, -1, 1])
 
 
 def test_dapo_overlong_penalty_by_hand():
@@ -26,18 +26,18 @@ def test_dapo_overlong_penalty_by_hand():
     config = RewardConfig(kind="dapo", overlong_buffer=20, overlong_factor=0.5, max_response_len=100)
     lengths = [10, 80, 81, 90, 100, 130]
     expected = np.array([0.0, 0.0, -0.5 / 20, -0.25, -0.5, -0.5]) + 1.0
-    np.testing.assert_allclose(compute_rewards([1.0] * 6, lengths, config), expected, rtol=1e-6)
+    np.testing.assert_allclose(reward_parts([1.0] * 6, lengths, config)[1], expected, rtol=1e-6)
 
 
 def test_format_reward_and_custom_function():
     responses = [r"\boxed{1}", "1", r"\boxed{2}"]
     fmt = RewardConfig(format_weight=0.1)
     np.testing.assert_allclose(
-        compute_rewards([1, 1, 0], [3, 3, 3], fmt, responses=responses), [1.1, 1.0, 0.1]
+        reward_parts([1, 1, 0], [3, 3, 3], fmt, responses=responses)[1], [1.1, 1.0, 0.1]
     )
     custom = RewardConfig(custom_fn=f"{__name__}:length_bonus")
     np.testing.assert_allclose(
-        compute_rewards([1, 1, 0], [3, 3, 3], custom, responses=responses),
+        reward_parts([1, 1, 0], [3, 3, 3], custom, responses=responses)[1],
         [1.09, 1.01, 0.09],
         rtol=1e-6,
     )
@@ -60,9 +60,9 @@ def test_bad_config_names_the_key(kwargs, message):
 
 def test_missing_custom_function_is_named():
     with pytest.raises(AttributeError, match="no function 'nope'"):
-        compute_rewards([1], [1], RewardConfig(custom_fn=f"{__name__}:nope"), responses=["x"])
+        reward_parts([1], [1], RewardConfig(custom_fn=f"{__name__}:nope"), responses=["x"])[1]
     with pytest.raises(ImportError, match="no_such_module"):
-        compute_rewards([1], [1], RewardConfig(custom_fn="no_such_module:f"), responses=["x"])
+        reward_parts([1], [1], RewardConfig(custom_fn="no_such_module:f"), responses=["x"])[1]
 
 
 @pytest.mark.parametrize("kind", ["correctness", "dapo"])
@@ -75,7 +75,6 @@ def test_base_reward_is_the_verdict_whatever_the_shaping(kind):
                           overlong_buffer=40, overlong_factor=1.0 if kind == "correctness" else 2.5)
     base, final = reward_parts(correct, lengths, config, responses=texts)
     np.testing.assert_array_equal(base > 0, correct > 0)
-    np.testing.assert_array_equal(final, compute_rewards(correct, lengths, config, responses=texts))
     assert (final > 0).tolist() != (correct > 0).tolist()  # the shaping does cross zero on these rows
 
 

@@ -7,7 +7,7 @@ files in order (a file's `include: [other.yaml, ...]`, relative to it, first), t
 its range or an impossible combination raises `ConfigError` naming the key.
 """
 
-from ktae_jax.config.loading import INCLUDE_KEY, config_from_dict, load_config, parse_override
+from ktae_jax.config.loading import INCLUDE_KEY, load_config, parse_override
 from ktae_jax.config.sections import (
     RANGES,
     SECTIONS,
@@ -27,6 +27,6 @@ from ktae_jax.config.sections import (
 
 __all__ = [
     "INCLUDE_KEY", "RANGES", "SECTIONS", "AlgoSection", "ConfigError", "DataSection", "KTAESection", "LoraSection",
-    "ModelSection", "OptimSection", "RewardSection", "RolloutSection", "RunSection", "TrainConfig", "config_from_dict",
+    "ModelSection", "OptimSection", "RewardSection", "RolloutSection", "RunSection", "TrainConfig",
     "in_range", "load_config", "parse_override",
 ]

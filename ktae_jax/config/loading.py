@@ -149,9 +149,3 @@ def load_config(files: typing.Sequence[str | pathlib.Path] = (), overrides: typi
     sections = {name: _build_section(name, tree.get(name, {})) for name in SECTIONS}
     return TrainConfig(**sections).validate()
 
-
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """The inverse of `TrainConfig.to_dict` (used when a checkpoint's config is read back)."""
-    tree: dict[str, dict[str, Any]] = {}
-    _merge(tree, values, "config")
-    return TrainConfig(**{name: _build_section(name, tree.get(name, {})) for name in SECTIONS}).validate()

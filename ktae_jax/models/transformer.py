@@ -2,7 +2,7 @@
 
 Letters in names: B batch, T new tokens, S cache slots (keys), E hidden, H query heads,
 KV key/value heads, G = H / KV query heads per kv head, D head dim, F MLP width, V vocabulary,
-L layers.
+L layers, C positions per logits chunk; P prompts (Tp columns) and N = P x k rollouts (R columns).
 
 Left padding: `attention_mask` marks real tokens; rotary positions count real tokens only
 (`cumsum(mask) - 1`), and padded keys are never attended to. Each parameter stores its logical
@@ -378,18 +378,18 @@ def _chunk_logprobs(h_BxCxE: Array, w_VxE: Array, targets_BxC: Array, temperatur
     return picked - lse, entropy
 
 
-def _head_logprobs(model: Transformer, h_prev_BxNxE: Array, targets_BxN: Array, temperature: float,
+def _head_logprobs(model: Transformer, h_prev_BxTxE: Array, targets_BxT: Array, temperature: float,
                    chunk: int, constrain: Constrain = _unconstrained) -> tuple[Array, Array]:
-    """(logp, entropy) [B, N] of `targets` under the logits of the hidden states that precede them.
+    """(logp, entropy) [B, T] of `targets` under the logits of the hidden states that precede them.
 
-    Logits are made `chunk` positions at a time under `jax.checkpoint`, so a float32 [B, N, V]
+    Logits are made `chunk` positions at a time under `jax.checkpoint`, so a float32 [B, T, V]
     array never exists at once, forward or backward.
     """
-    b, n = targets_BxN.shape
+    b, n = targets_BxT.shape
     chunk = max(1, min(chunk, n))
     pad = (-n) % chunk
-    h_prev = jnp.pad(h_prev_BxNxE, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets_BxN, ((0, 0), (0, pad)))
+    h_prev = jnp.pad(h_prev_BxTxE, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
     num_chunks = (n + pad) // chunk
     h_chunks = h_prev.reshape(b, num_chunks, chunk, -1).swapaxes(0, 1)
     t_chunks = targets.reshape(b, num_chunks, chunk).swapaxes(0, 1)

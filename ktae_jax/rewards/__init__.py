@@ -1,7 +1,7 @@
 """Rewards: answer extraction, equivalence grading in a bounded process pool, reward shaping.
 
 `grade_batch`, `GraderPool` (+ `GradeResult`) grade on the host (any answer, each within a time
-limit); then `compute_rewards(correct, lengths, RewardConfig(...))`. The package imports no jax:
+limit); then `reward_parts(correct, lengths, RewardConfig(...))` gives the base and final rewards. The package imports no jax:
 grading workers import it.
 """
 
@@ -11,7 +11,7 @@ from ktae_jax.rewards.equivalence import (
     reference_candidates,
 )
 from ktae_jax.rewards.extract import extract_boxed
-from ktae_jax.rewards.functions import RewardConfig, compute_rewards, overlong_penalty, reward_parts
+from ktae_jax.rewards.functions import RewardConfig, overlong_penalty, reward_parts
 from ktae_jax.rewards.pool import GradeResult, GraderPool, grade_batch, shared_pool
 
 __all__ = [
@@ -19,7 +19,6 @@ __all__ = [
     "GraderPool",
     "RewardConfig",
     "answer_matches_any",
-    "compute_rewards",
     "reward_parts",
     "extract_boxed",
     "grade_batch",

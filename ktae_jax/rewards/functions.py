@@ -78,18 +78,6 @@ def overlong_penalty(lengths_N: np.ndarray, config: RewardConfig) -> np.ndarray:
     return -config.overlong_factor * excess_N / buffer
 
 
-def compute_rewards(
-    correct_N: Sequence[float],
-    lengths_N: Sequence[int],
-    config: RewardConfig,
-    *,
-    responses: Sequence[str] | None = None,
-    references: Sequence[object] | None = None,
-) -> np.ndarray:
-    """Final float32 reward per response from correctness (0/1) and response lengths (tokens)."""
-    return reward_parts(correct_N, lengths_N, config, responses=responses, references=references)[1]
-
-
 def reward_parts(
     correct_N: Sequence[float],
     lengths_N: Sequence[int],
