@@ -25,8 +25,8 @@ from ktae_jax.config import TrainConfig
 from ktae_jax.models import ModelConfig
 from ktae_jax.models.lora import adapter_count
 
-# Architectures of the paper's base models, for planning before the weights are downloaded
-# (from their public config.json files).
+# Architectures of the paper's base models and of Qwen3 dense models, for planning before the weights
+# are downloaded, by folder name (from their public config.json files).
 KNOWN_ARCHITECTURES = {
     "qwen2.5-math-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                               num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -34,6 +34,25 @@ KNOWN_ARCHITECTURES = {
     "qwen2.5-math-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                             num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                             rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=4096),
+    # Qwen3 dense (post-trained releases), from the config.json files of Qwen/Qwen3-1.7B, -4B and -8B as
+    # copied on the Hugging Face Hub (Qwen/Qwen3-8B: huggingface.co/thejaminator/qwen-hook-layer-9, commit
+    # 478fb72 "Copy config.json from Qwen/Qwen3-8B"; Qwen3-4B: huggingface.co/MultiRL/qwen3_4b_instruct_sft
+    # config.json, the same shape as github.com/zyzshishui/slime scripts/models/qwen3-4B.sh;
+    # Qwen3-1.7B: github.com/mephisto1484/Neko-LoRA-Build-Your-AI-Catgirl Qwen3-1.7B/config.json).
+    # head_dim is 128 in all three (not hidden / heads for the 4B). The 1.7B's safetensors also store
+    # lm_head (the Hub lists 2.03B parameters) but tie_word_embeddings is true: the model has 1.72B.
+    "qwen3-1.7b": dict(model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+                       max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645),
+    "qwen3-4b": dict(model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+                     max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645),
+    "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+                     max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645),
 }
 # Bytes of saved activations per token, per layer, per hidden unit, without rematerialisation
 # (attention and MLP inputs, q/k/v, SwiGLU intermediates, softmax statistics), in units of the

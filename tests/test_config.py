@@ -180,3 +180,32 @@ def test_runtime_configs_are_built_from_the_sections():
     on = load_config([], ["ktae.enabled=true", "ktae.k1=1.5"])
     assert on.to_ktae((1, 2)).k1 == 1.5 and on.to_ktae((1, 2)).ignore_token_ids == (1, 2)
     assert load_config([], ["ktae.enabled=true", "ktae.ignore_special=false"]).to_ktae((1, 2)).ignore_token_ids == ()
+
+
+# Qwen3 dense shapes from the public config.json files (sources in plan.KNOWN_ARCHITECTURES), written out
+# here again: (layers, hidden, MLP width, query heads, kv heads, head dim, vocabulary, tied embeddings).
+QWEN3 = {"Qwen3-1.7B": (28, 2048, 6144, 16, 8, 128, 151936, True),
+         "Qwen3-4B": (36, 2560, 9728, 32, 8, 128, 151936, True),
+         "Qwen3-8B": (36, 4096, 12288, 32, 8, 128, 151936, False)}
+# The model cards' rounded figures (billions): total and without the embedding tables.
+QWEN3_CARD = {"Qwen3-1.7B": (1.7, 1.4), "Qwen3-4B": (4.0, 3.6), "Qwen3-8B": (8.2, 6.95)}
+
+
+@pytest.mark.parametrize("name", sorted(QWEN3))
+def test_dry_run_knows_qwen3_by_folder_name(name, tmp_path, capsys):
+    layers, e, f, heads, kv, d, vocab, tied = QWEN3[name]
+    # Per layer: q, k, v, o projections (no biases), the SwiGLU MLP, two RMSNorms and Qwen3's q/k norms.
+    per_layer = e * heads * d * 2 + e * kv * d * 2 + 3 * e * f + 2 * e + 2 * d
+    body = layers * per_layer + e  # + the final norm
+    total = body + vocab * e * (1 if tied else 2)
+    card_total, card_body = QWEN3_CARD[name]
+    assert abs(total / 1e9 - card_total) < 0.05 and abs((body - e) / 1e9 - card_body) < 0.05
+
+    missing = tmp_path / "models" / name  # no folder there: the architecture comes from the name
+    assert train_main(["--config", str(CONFIGS / "paper" / "grpo_7b.yaml"), "--dry-run",
+                       f"model.path={missing}"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("model: "))
+    assert f"built-in architecture of {name}" in line and line.startswith("model: qwen3, ")
+    printed = float(line.split(", ")[1].split("B parameters")[0])  # billions, 3 decimals
+    assert abs(printed * 1e9 - total) <= 0.5e6, (line, total)
