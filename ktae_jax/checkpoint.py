@@ -5,7 +5,9 @@ Layout: `run_dir/checkpoints/<step>/{state, data, config}`.
 - SAVE     starts in the background; a failed write is raised (`CheckpointWriteError`) by the next
            `check` (called once per step), `save`, `wait` or `close`, never left behind: the loop stops
            and the CLI exits non-zero without waiting on orbax's threads. A step's checkpoint only
-           counts once orbax has committed it, so the previous one stays usable.
+           counts once orbax has committed it, so the previous one stays usable. While a save is in
+           flight orbax's own error logs (tracebacks from its threads) are held back: a failed save
+           is reported by that one error alone; logs of a save that then succeeds are passed on.
 - RESTORE  `restore_latest` tries the newest checkpoint first. One that is damaged (metadata or
            array files unreadable) is reported, moved aside to `run_dir/checkpoints_damaged/` (kept,
            and out of the way of the step's next save) and the previous one is used. A checkpoint
@@ -14,6 +16,7 @@ Layout: `run_dir/checkpoints/<step>/{state, data, config}`.
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import shutil
 import time
@@ -32,6 +35,34 @@ class CheckpointWriteError(CheckpointError):
     """Writing a checkpoint failed (disk full, directory unwritable...); earlier checkpoints are intact."""
 
 
+class _HeldOrbaxErrors(logging.Filter):
+    """On the `absl` logger (orbax logs through it): while `holding`, orbax's ERROR records are kept
+    back instead of printed; `drop` forgets them (the save failed: our one-line error says it), `release`
+    passes them on (the save succeeded: they were about something else)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = False
+        self.held: list[logging.LogRecord] = []  # appended from orbax's threads (list.append is atomic)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.holding or record.levelno < logging.ERROR or str(_ORBAX_DIR) not in record.pathname:
+            return True
+        self.held.append(record)
+        return False
+
+    def drop(self) -> None:
+        self.held = []
+
+    def release(self) -> None:
+        self.holding, held, self.held = False, self.held, []
+        for record in held:
+            logging.getLogger(record.name).handle(record)
+
+
+_ORBAX_DIR = pathlib.Path(ocp.__file__).parent  # records logged from its files
+
+
 class _Damaged(Exception):
     """A checkpoint that cannot be read (internal: `restore_latest` falls back past it)."""
 
@@ -48,6 +79,8 @@ class Checkpointer:
             raise CheckpointWriteError(f"checkpoint directory {self.directory}: {err.strerror or err}") from None
         self._failed: CheckpointWriteError | None = None
         self._saving: int | None = None
+        self._orbax_errors = _HeldOrbaxErrors()
+        logging.getLogger("absl").addFilter(self._orbax_errors)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -60,6 +93,7 @@ class Checkpointer:
         """Starts an async save (it finishes in the background; `wait` blocks on it)."""
         self.check()
         previous, self._saving = self._saving, step
+        self._orbax_errors.holding = True
         try:
             self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
@@ -81,6 +115,7 @@ class Checkpointer:
         good = [s for s in self.all_steps() if s != step]
         last = f"the last good checkpoint is {self.directory / str(good[-1])}" if good else "no earlier checkpoint"
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        self._orbax_errors.drop()  # orbax's tracebacks of this failure: the line below replaces them
         self._failed = CheckpointWriteError(f"writing checkpoint {self.directory / str(step)} failed: "
                                             f"{message[:400]} ({last})")
         raise self._failed
@@ -92,14 +127,16 @@ class Checkpointer:
         except Exception as err:  # noqa: BLE001
             self._fail(self._saving, err)
         self.check()
+        self._orbax_errors.release()  # every save finished well: what orbax logged meanwhile was not this
 
     def close(self) -> None:
         """Waits for the save in flight and closes; after a failed save it closes nothing (orbax's
         threads may be stuck on the failure, and the process is about to exit anyway)."""
         if self._failed is not None:
-            return
+            return  # (orbax's held logs of the failure stay held: its threads may still log it)
         self.wait()
         self._manager.close()
+        logging.getLogger("absl").removeFilter(self._orbax_errors)
 
     # ------------------------------------------------------------------ restore
     def restore_latest(self, abstract_state: Any, *, warn=print) -> tuple[int, Any, dict, dict] | None:
