@@ -92,9 +92,9 @@ def test_split_trains_only_the_adapters_and_bad_targets_are_named():
 
     cfg = ModelConfig(family="qwen2", vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=4, qkv_bias=True)
-    full = split_policy(init_random(cfg))
+    full = split_policy(nnx.eval_shape(lambda: init_random(cfg)))  # shapes only: the split is by variable type
     assert not jax.tree.leaves(full[2])  # full fine-tuning: nothing frozen
-    model = lora.add_adapters(init_random(cfg), lora.LoraSpec(2, 4.0, ("q_proj", "down_proj")))
+    model = nnx.eval_shape(lambda: lora.add_adapters(init_random(cfg), lora.LoraSpec(2, 4.0, ("q_proj", "down_proj"))))
     _, trainable, frozen = split_policy(model)
     paths = ["/".join(map(str, p)) for p, _ in trainable.flat_state()]
     assert len(paths) == 4 and all(p.startswith(("layers/attn/q_lora_", "layers/mlp/down_lora_")) for p in paths), paths
@@ -172,11 +172,11 @@ def test_reference_is_the_base_model(adapted):
     weights = PolicyWeights(base, lora.LoraSpec(rank=4, alpha=8.0), seed=1, mesh=None, compute_dtype="float32")
     _, trained, _ = split_policy(model)  # adapters far from their initial B = 0
     tokens = jnp.asarray(np.concatenate([ids, ids[::-1]]).astype(np.int32))
-    logp = lambda graphdef, params, frozen=None: np.asarray(rollout_logprobs(  # noqa: E731
-        graphdef, params, tokens, jnp.ones_like(tokens), response_len=3, temperature=1.0,
-        layout=Layout(1, 1, 1, 1), frozen=frozen)[0])
+    logp = lambda graphdef, params, frozen=None: np.asarray(jax.jit(  # noqa: E731
+        lambda p, f: rollout_logprobs(graphdef, p, tokens, jnp.ones_like(tokens), response_len=3, temperature=1.0,
+                                      layout=Layout(1, 1, 1, 1), frozen=f)[0])(params, frozen))
     reference = logp(weights.graphdef, weights.reference(trained), weights.frozen)
-    base_only, _ = load_pretrained(checkpoint)
+    base_only, _ = load_pretrained(checkpoint)  # the base without adapters
     np.testing.assert_allclose(reference, logp(*nnx.split(base_only)), atol=1e-6)
     policy = logp(weights.graphdef, trained, weights.frozen)
     assert np.abs(policy - reference).max() > 1e-2  # the adapters do change the policy
