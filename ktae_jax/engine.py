@@ -1,20 +1,27 @@
 """The decode engine behind `ktae_jax.sample`: continuous batching of response rows over decode slots.
 
 Letters: P prompts, Tp prompt columns (left-padded), N rows (P x G, row n answers prompt n // G),
-R = max_new_tokens, W decode slots (the current width), V vocabulary, S = Tp + R cache slots.
+R = max_new_tokens, V vocabulary, S = Tp + R cache slots, Gr groups (the batch devices: 1 without
+a mesh), W decode slots in all (Gr x Wg), w the current width (Gr x wg), s the current cache length.
 
-A slot holds one row at a time; every loop iteration gives each live slot one token:
+Each group is one device's share of the work: its P / Gr prompts (the prompts' batch split), their
+rows and W / Gr slots, so that no step moves keys between devices. A slot holds one row at a time;
+every loop iteration gives each live slot one token:
   1. CHOOSE   a token from the slot's logits (uniform draw keyed by (row, position), so the draw of
               a row does not depend on which slot serves it or when); write it to the row's output.
   2. FORWARD  the chosen tokens one position (`KVCache` with per-row indices: each slot writes at
-              its own position; attention reads only the written prefix of the cache).
-  3. REFILL   slots whose row stopped take the next waiting rows: the prompt's prefilled keys are
-              copied into the slot's first Tp cache slots and its first logits are the prompt's.
-The program runs in phases of fixed shapes. The cache starts with room for 64 response tokens
-and grows 2x (to R) only when a live row needs it, so short responses never pay for a long R.
-Then, when no rows wait and at most half the slots are live, the live slots are packed into a
-batch of half the width (down to a quarter), so the long tail of a long-tailed length
-distribution runs on a smaller batch. Everything runs in one jitted program.
+              its own position; attention reads only the current view of the cache).
+  3. REFILL   slots whose row stopped take their group's next waiting rows: the prompt's prefilled
+              keys are copied into the slot's first Tp cache slots, its first logits are the prompt's.
+The keys and values live in ONE buffer [L, Gr, Wg, KV, S, D] for the whole call, updated in place.
+The program runs in phases of static shapes, each a view of that buffer: the first wg slots of
+each group and the first s cache slots. The view starts with room for 64 response tokens and grows
+2x (to R) only when a live row needs it, so a step's attention cost follows the longest live row,
+not R. Then, when no rows wait and every group's live slots fit half the width, each group packs
+its live slots to the front (in place, one layer at a time) and the view narrows (down to a
+quarter), so the long tail of a long-tailed length distribution runs on a smaller batch.
+(Phases with their own cache per length or width kept every phase's cache, and gathers of the
+slots across devices kept whole copies on every device: 190 GiB per H100 at 7B, issue #14.)
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import jax.numpy as jnp
 from ktae_jax.models.transformer import KVCache, Transformer, init_cache
 
 Array = jax.Array
-# (logits [W, V], uniforms [W, 1]) -> (tokens [W], sampling logp [W], policy logp [W])
+# (logits [B, V], uniforms [B, 1]) -> (tokens [B], sampling logp [B], policy logp [B])
 Choose = Callable[[Array, Array], tuple[Array, Array, Array]]
 Place = Callable[[Array], Array]
 
@@ -44,24 +51,29 @@ class Prompts(NamedTuple):
 
 
 class Outputs(NamedTuple):
-    tokens: Array  # [N, R] int32
+    tokens: Array  # [N, R] int32 ([Gr, N / Gr, R] inside the engine)
     mask: Array  # [N, R] int32
     logp: Array  # [N, R] float32
     policy_logp: Array  # [N, R] float32
 
 
 class Slots(NamedTuple):
-    cache: KVCache  # k/v [L, W, KV, S, D]; index [W] = Tp + j
-    row: Array  # [W] int32 row served (meaningless where not live)
-    j: Array  # [W] int32 tokens the row has so far
-    logits: Array  # [W, V] logits for the row's token j
-    live: Array  # [W] bool
+    """The slots of the current view; every per-slot array is [Gr, wg, ...]."""
+
+    k: Array  # [L, Gr, Wg, KV, S, D] the one buffer (the view: [:, :, :wg, :, :s])
+    v: Array
+    key_mask: Array  # [Gr, wg, s] bool
+    index: Array  # [Gr, wg] int32 next cache slot (Tp + j)
+    row: Array  # [Gr, wg] int32 row of the group served (meaningless where not live)
+    j: Array  # [Gr, wg] int32 tokens the row has so far
+    logits: Array  # [Gr, wg, V] logits for the row's token j
+    live: Array  # [Gr, wg] bool
 
 
 class Loop(NamedTuple):
     slots: Slots
     out: Outputs
-    next_row: Array  # int32: rows below it have entered a slot
+    next_row: Array  # [Gr] int32: the group's rows below it have entered a slot
     slot_steps: Array  # int32: sum over iterations of the width
     steps: Array  # int32: iterations
 
@@ -85,66 +97,98 @@ def prefill(model: Transformer, ids_PxTp: Array, mask_PxTp: Array) -> Prompts:
     return Prompts(cache.k, cache.v, mask_PxTp.astype(bool), mask_PxTp.sum(-1).astype(jnp.int32), logits)
 
 
+def _by_group(x: Array, groups: int, axis: int = 0) -> Array:
+    """[.., B, ..] -> [.., Gr, B / Gr, ..]: the batch split into its groups (a device's rows are contiguous)."""
+    return x.reshape(*x.shape[:axis], groups, x.shape[axis] // groups, *x.shape[axis + 1:])
+
+
+def _per_layer(buf: Array, fn: Callable[[Array, Array], Array], count: Array | int | None = None) -> Array:
+    """buf [L, ...] with layer l's [..] replaced by fn(l, buf[l]) (same leading shape, a prefix of
+    the rest), one layer at a time: in place, with one layer's worth of temporaries."""
+    def body(l, b):
+        new = fn(l, jax.lax.dynamic_index_in_dim(b, l, 0, keepdims=False))
+        return jax.lax.dynamic_update_slice(b, new[None].astype(b.dtype), (l,) + (0,) * (b.ndim - 1))
+    return jax.lax.fori_loop(0, buf.shape[0] if count is None else count, body, buf)
+
+
 def _refill(slots: Slots, prompts: Prompts, next_row: Array, lim: Limits, place: Place) -> tuple[Slots, Array]:
-    """REFILL free slots with the next waiting rows, in row order."""
-    free = ~slots.live
-    rank = jnp.cumsum(free, dtype=jnp.int32) - 1
-    take = free & (next_row + rank < lim.rows)
-    row = jnp.where(take, next_row + rank, slots.row)
-    p = jnp.clip(row // lim.group, 0, prompts.mask.shape[0] - 1)
+    """REFILL each group's free slots with its next waiting rows, in row order."""
+    groups, wg = slots.live.shape
+    rows = lim.rows // groups
+    p_g = prompts.mask.shape[0] // groups
     tp = prompts.mask.shape[1]
+    free = ~slots.live
+    rank = jnp.cumsum(free, axis=1, dtype=jnp.int32) - 1
+    take = free & (next_row[:, None] + rank < rows)
+    row = jnp.where(take, next_row[:, None] + rank, slots.row)
+    p = jnp.clip(row // lim.group, 0, p_g - 1)  # [Gr, wg] the group's own prompts
+    local = lambda x, g_axis: jax.vmap(lambda xg, pg: xg[pg], in_axes=(g_axis, 0), out_axes=g_axis)(x, p)  # noqa: E731
+    mask_head = jnp.where(take[..., None], local(_by_group(prompts.mask, groups), 0), slots.key_mask[:, :, :tp])
+    key_mask = place(slots.key_mask.at[:, :, :tp].set(mask_head))
+    logits = place(jnp.where(take[..., None], local(_by_group(prompts.logits, groups), 0), slots.logits))
 
-    place_l = jax.vmap(place)  # rows are axis 1 of [L, W, ...]
+    def head(src_LxGrxPgxKVxTpxD: Array) -> Callable[[Array, Array], Array]:
+        def one(l: Array, layer_GrxWgxKVxSxD: Array) -> Array:  # the layer's first Tp slots of the view
+            gathered = local(jax.lax.dynamic_index_in_dim(src_LxGrxPgxKVxTpxD, l, 0, keepdims=False), 0)
+            old = layer_GrxWgxKVxSxD[:, :wg, :, :tp]
+            return place(jnp.where(take[:, :, None, None, None], gathered.astype(old.dtype), old))
+        return one
 
-    def into(buf_LxWxKVxSxD: Array, prompt_LxPxKVxTpxD: Array) -> Array:
-        # Pinned to the slots' split, so that only the gathered prompts move, not the slots' cache.
-        gathered = place_l(prompt_LxPxKVxTpxD[:, p].astype(buf_LxWxKVxSxD.dtype))
-        head = place_l(jnp.where(take[None, :, None, None, None], gathered, buf_LxWxKVxSxD[:, :, :, :tp]))
-        return place_l(jax.lax.dynamic_update_slice(buf_LxWxKVxSxD, head, (0, 0, 0, 0, 0)))
-
-    c = slots.cache
-    key_head = jnp.where(take[:, None], prompts.mask[p], c.key_mask[:, :tp])
-    cache = KVCache(into(c.k, prompts.k), into(c.v, prompts.v),
-                    jax.lax.dynamic_update_slice(c.key_mask, key_head, (0, 0)), jnp.where(take, tp, c.index))
-    slots = Slots(cache, row, jnp.where(take, 0, slots.j), jnp.where(take[:, None], prompts.logits[p], slots.logits),
-                  slots.live | take)
-    return slots, next_row + jnp.sum(take, dtype=jnp.int32)
+    k = _per_layer(slots.k, head(_by_group(prompts.k, groups, 1)))
+    v = _per_layer(slots.v, head(_by_group(prompts.v, groups, 1)))
+    slots = slots._replace(k=k, v=v, key_mask=key_mask, index=jnp.where(take, tp, slots.index), row=row,
+                           j=jnp.where(take, 0, slots.j), logits=logits, live=slots.live | take)
+    return slots, next_row + jnp.sum(take, axis=1, dtype=jnp.int32)
 
 
-def _iteration(model: Transformer, choose: Choose, key: Array, prompts: Prompts, stop_len_N: Array,
+def _iteration(model: Transformer, choose: Choose, key: Array, prompts: Prompts, stop_len: Array,
                lim: Limits, place: Place, loop: Loop) -> Loop:
     s, out = loop.slots, loop.out
-    # 1. CHOOSE
-    keys = jax.vmap(lambda r, j: jax.random.fold_in(jax.random.fold_in(key, r), j))(s.row, s.j)
+    groups, wg = s.live.shape
+    rows = lim.rows // groups
+    flat = lambda x: x.reshape(groups * wg, *x.shape[2:])  # noqa: E731
+    # 1. CHOOSE (the draw is keyed by the row's number in the call and its position)
+    n = jnp.arange(groups, dtype=jnp.int32)[:, None] * rows + s.row
+    keys = jax.vmap(lambda r, j: jax.random.fold_in(jax.random.fold_in(key, r), j))(flat(n), flat(s.j))
     u = jax.vmap(lambda k: jax.random.uniform(k, (1,)))(keys)
-    tok, lp, plp = choose(s.logits, u)
+    tok, lp, plp = (x.reshape(groups, wg) for x in choose(flat(s.logits), u))
     tok = jnp.where(s.live, tok, lim.pad_id)
-    at = (jnp.where(s.live, s.row, lim.rows), s.j)  # row N: out of bounds, dropped
-    put = lambda buf, val: buf.at[at].set(val.astype(buf.dtype), mode="drop")  # noqa: E731
-    out = Outputs(put(out.tokens, tok), put(out.mask, jnp.ones_like(tok)), put(out.logp, lp), put(out.policy_logp, plp))
+    at = jnp.where(s.live, s.row, rows)  # row `rows`: out of bounds, dropped
+    put = jax.vmap(lambda buf, r, j, val: buf.at[r, j].set(val.astype(buf.dtype), mode="drop"))  # noqa: E731
+    out = Outputs(*(place(put(b, at, s.j, val)) for b, val in zip(out, (tok, jnp.ones_like(tok), lp, plp))))
     j = s.j + 1
     stop = (jnp.isin(tok, jnp.asarray(lim.eos or (-1,), jnp.int32)) | (j >= lim.max_new)
-            | (j >= stop_len_N[jnp.clip(s.row, 0, lim.rows - 1)]))
+            | (j >= jnp.take_along_axis(stop_len, jnp.clip(s.row, 0, rows - 1), axis=1)))
     live = s.live & ~stop
-    # 2. FORWARD (every slot: a batch of fixed width; stopped slots' results are never read)
-    positions = (prompts.length[jnp.clip(s.row // lim.group, 0, prompts.length.shape[0] - 1)] + s.j)[:, None]
-    logits, cache = model(tok[:, None], jnp.ones_like(tok)[:, None], positions=positions, cache=s.cache)
-    slots = Slots(cache, s.row, j, place(logits[:, 0]), live)
+    # 2. FORWARD (every slot of the view: a batch of fixed width; stopped slots' results are never read)
+    length = jnp.take_along_axis(_by_group(prompts.length, groups), jnp.clip(s.row // lim.group, 0,
+                                 prompts.length.shape[0] // groups - 1), axis=1)
+    cache = KVCache(s.k, s.v, flat(s.key_mask), flat(s.index))  # a grouped buffer: the model reads the view
+    logits, cache = model(flat(tok)[:, None], jnp.ones((groups * wg, 1), jnp.int32),
+                          positions=flat(length + s.j)[:, None], cache=cache)
+    regroup = lambda x: place(x.reshape(groups, wg, *x.shape[1:]))  # noqa: E731
+    slots = Slots(cache.k, cache.v, regroup(cache.key_mask), regroup(cache.index), s.row, j,
+                  regroup(logits[:, 0]), live)
     # 3. REFILL (only when a slot is free and a row waits)
     slots, next_row = jax.lax.cond(
-        jnp.any(~live) & (loop.next_row < lim.rows),
+        jnp.any(~live) & jnp.any(loop.next_row < rows),
         lambda sl, nr: _refill(sl, prompts, nr, lim, place), lambda sl, nr: (sl, nr), slots, loop.next_row)
-    return Loop(slots, out, next_row, loop.slot_steps + live.shape[0], loop.steps + 1)
+    return Loop(slots, out, next_row, loop.slot_steps + live.size, loop.steps + 1)
 
 
 def _pack(slots: Slots, width: int, place: Place) -> Slots:
-    """The live slots first, cut to `width` (the caller checked that they fit)."""
-    order = jnp.argsort(~slots.live, stable=True)[:width]
-    take = lambda x: place(x[order])  # noqa: E731
-    take_l = lambda x: jax.vmap(place)(x[:, order])  # noqa: E731  (rows are axis 1 of [L, W, ...])
-    c = slots.cache
-    cache = KVCache(take_l(c.k), take_l(c.v), take(c.key_mask), take(c.index))
-    return Slots(cache, take(slots.row), take(slots.j), take(slots.logits), take(slots.live))
+    """Each group's live slots first, the view cut to `width` slots per group (the caller checked that
+    they fit). The buffer is rearranged in place, one layer at a time, and only when a slot is live."""
+    order = jnp.argsort(~slots.live, axis=1, stable=True)[:, :width]  # [Gr, width]
+    take = lambda x: place(jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1))  # noqa: E731
+
+    def move(l: Array, layer_GrxWgxKVxSxD: Array) -> Array:
+        return place(take(layer_GrxWgxKVxSxD[:, :slots.live.shape[1]]))
+
+    count = jnp.where(jnp.any(slots.live), slots.k.shape[0], 0)
+    k, v = _per_layer(slots.k, move, count), _per_layer(slots.v, move, count)
+    return Slots(k, v, take(slots.key_mask), take(slots.index), take(slots.row), take(slots.j), take(slots.logits),
+                 take(slots.live))
 
 
 def widths(slots: int, batch_devices: int) -> list[int]:
@@ -156,11 +200,10 @@ def widths(slots: int, batch_devices: int) -> list[int]:
 
 
 def cache_lengths(prompt_len: int, max_new: int) -> list[int]:
-    """The cache lengths the engine grows through: room for 64, 128, 256, ... response tokens, then R.
+    """The cache views the engine grows through: room for 64, 128, 256, ... response tokens, then R.
 
-    A cache is only as long as the longest live row needs (within 2x), and attention reads the
-    whole cache: a step's cost follows the longest live row, not R, and a call whose responses
-    stop early never allocates, zeroes or reads a cache for R tokens."""
+    A view is only as long as the longest live row needs (within 2x), and attention reads the
+    whole view: a step's cost follows the longest live row, not R."""
     out, room = [], _FIRST_ROOM
     while room < max_new:
         out.append(prompt_len + room)
@@ -172,50 +215,43 @@ _FIRST_ROOM = 64
 
 
 class Phase(NamedTuple):
-    width: int  # W
-    length: int  # cache slots
+    width: int  # W (all groups)
+    length: int  # cache slots of the view
 
 
 def _grow(slots: Slots, length: int, place: Place) -> Slots:
-    """The same slots with a cache of `length` slots (the new ones empty)."""
-    c = slots.cache
-    pad = lambda x: jax.vmap(place)(jnp.pad(x, [(0, 0), (0, 0), (0, 0), (0, length - x.shape[3]), (0, 0)]))  # noqa: E731
-    key_mask = place(jnp.pad(c.key_mask, [(0, 0), (0, length - c.key_mask.shape[1])]))
-    return slots._replace(cache=KVCache(pad(c.k), pad(c.v), key_mask, c.index))
+    """The same slots with a view of `length` cache slots (the buffer already has them)."""
+    pad = length - slots.key_mask.shape[2]
+    return slots._replace(key_mask=place(jnp.pad(slots.key_mask, [(0, 0), (0, 0), (0, pad)])))
 
 
-def _run(phases: list[Phase], body: Callable[[Loop], Loop], rows: int, tp: int, place: Place, loop: Loop) -> Loop:
-    """Phase 0's loop, then (only while rows remain) the next phase's, recursively.
+def _run(phases: list[Phase], body: Callable[[Loop], Loop], tp: int, rows: int, place: Place,
+         loop: Loop) -> Loop:
+    """The phases' loops one after the other (a phase with nothing to do runs no iteration).
 
-    A phase ends when a live row needs a longer cache than the phase has, or when no row waits
-    and the live rows fit the next phase's smaller width."""
-    (width, length), rest = phases[0], phases[1:]
-    grows = bool(rest) and rest[0].length > length
-    shrinks = bool(rest) and rest[0].width < width
+    A phase ends when a live row needs a longer view than the phase has, or when no row waits
+    and every group's live rows fit the next phase's smaller width."""
+    groups = loop.next_row.shape[0]
+    for i, phase in enumerate(phases):
+        nxt = phases[i + 1] if i + 1 < len(phases) else None
+        grows = nxt is not None and nxt.length > phase.length
+        shrinks = nxt is not None and nxt.width < phase.width
 
-    def more(l: Loop) -> Array:
-        live = l.slots.live
-        go = jnp.any(live)
+        def more(l: Loop, phase=phase, grows=grows, shrinks=shrinks, nxt=nxt) -> Array:
+            live = l.slots.live
+            go = jnp.any(live)
+            if grows:
+                go &= ~jnp.any(live & (tp + l.slots.j >= phase.length))
+            if shrinks:
+                go &= jnp.any(l.next_row < rows) | jnp.any(jnp.sum(live, axis=1) > nxt.width // groups)
+            return go
+
+        loop = jax.lax.while_loop(more, body, loop)
         if grows:
-            go &= ~jnp.any(live & (tp + l.slots.j >= length))
-        if shrinks:
-            go &= (l.next_row < rows) | (jnp.sum(live) > rest[0].width)
-        return go
-
-    loop = jax.lax.while_loop(more, body, loop)
-    if not rest:
-        return loop
-
-    def next_phase(l: Loop) -> Loop:
-        slots = _grow(l.slots, rest[0].length, place) if grows else _pack(l.slots, rest[0].width, place)
-        return _finished(_run(rest, body, rows, tp, place, l._replace(slots=slots)))
-
-    return jax.lax.cond(jnp.any(loop.slots.live), next_phase, _finished, loop)
-
-
-def _finished(loop: Loop) -> Loop:
-    """What a phase hands back: the outputs and counters (the slots' shapes differ between phases)."""
-    return loop._replace(slots=None)
+            loop = loop._replace(slots=_grow(loop.slots, nxt.length, place))
+        elif shrinks:
+            loop = loop._replace(slots=_pack(loop.slots, nxt.width // groups, place))
+    return loop
 
 
 def decode(
@@ -225,22 +261,28 @@ def decode(
     """All N rows decoded over `slots` slots. Returns the outputs, the slot-steps and iterations spent.
 
     `stop_len_N` forces row n to stop after that many tokens (benchmarks: a random model never
-    emits a stop id of its own); None: only stop ids and R stop a row."""
-    n, r = lim.rows, lim.max_new
-    tp = prompts.mask.shape[1]
+    emits a stop id of its own); None: only stop ids and R stop a row. The prompts and rows are
+    split into `batch_devices` groups (each a multiple of it), `slots` too."""
+    n, r, groups = lim.rows, lim.max_new, batch_devices
+    p, tp = prompts.mask.shape
+    if p % groups or slots % groups:
+        raise ValueError(f"{p} prompts and {slots} slots must split evenly over {groups} batch devices")
+    wg = slots // groups
     lengths = cache_lengths(tp, r)
-    phases = [Phase(slots, length) for length in lengths] + [Phase(w, lengths[-1]) for w in widths(slots, batch_devices)[1:]]
-    stop_len_N = jnp.full((n,), r, jnp.int32) if stop_len_N is None else stop_len_N.astype(jnp.int32)
-    cache = init_cache(model.config, slots, lengths[0], model.dtype)
-    cache = KVCache(jax.vmap(place)(cache.k), jax.vmap(place)(cache.v), place(cache.key_mask),
-                    place(jnp.full((slots,), tp, jnp.int32)))
-    zeros_W = place(jnp.zeros((slots,), jnp.int32))
-    empty = Slots(cache, zeros_W, zeros_W, place(jnp.zeros((slots, prompts.logits.shape[1]), jnp.float32)),
-                  zeros_W.astype(bool))
-    out = Outputs(jnp.full((n, r), lim.pad_id, jnp.int32), jnp.zeros((n, r), jnp.int32),
-                  jnp.zeros((n, r), jnp.float32), jnp.zeros((n, r), jnp.float32))
-    first, next_row = _refill(empty, prompts, jnp.zeros((), jnp.int32), lim, place)
+    phases = [Phase(slots, length) for length in lengths] + [Phase(w, lengths[-1]) for w in widths(slots, groups)[1:]]
+    stop_len = jnp.full((n,), r, jnp.int32) if stop_len_N is None else stop_len_N.astype(jnp.int32)
+    cfg = model.config
+    buf = jnp.zeros((cfg.num_layers, groups, wg, cfg.num_kv_heads, tp + r, cfg.head_dim), model.dtype)
+    buf = jax.vmap(place)(buf)  # groups are axis 1
+    zeros = place(jnp.zeros((groups, wg), jnp.int32))
+    empty = Slots(buf, buf, place(jnp.zeros((groups, wg, lengths[0]), bool)), zeros + tp, zeros, zeros,
+                  place(jnp.zeros((groups, wg, prompts.logits.shape[1]), jnp.float32)), zeros.astype(bool))
+    shape = (groups, n // groups, r)
+    out = Outputs(*(place(x) for x in (jnp.full(shape, lim.pad_id, jnp.int32), jnp.zeros(shape, jnp.int32),
+                                       jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))))
+    first, next_row = _refill(empty, prompts, place(jnp.zeros((groups,), jnp.int32)), lim, place)
     zero = jnp.zeros((), jnp.int32)
-    body = functools.partial(_iteration, model, choose, key, prompts, stop_len_N, lim, place)
-    loop = _run(phases, body, n, tp, place, Loop(first, out, next_row, zero, zero))
-    return loop.out, loop.slot_steps, loop.steps
+    body = functools.partial(_iteration, model, choose, key, prompts, place(_by_group(stop_len, groups)), lim, place)
+    loop = _run(phases, body, tp, n // groups, place, Loop(first, out, next_row, zero, zero))
+    flat_out = Outputs(*(x.reshape(n, r) for x in loop.out))
+    return flat_out, loop.slot_steps, loop.steps

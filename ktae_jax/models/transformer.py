@@ -42,6 +42,13 @@ def _write_new(cache: Array, new: Array, first_slot, layer: Array | None = None)
     `layer`) from slot `first_slot`: one slot for all rows, or one per row ([B], with T = 1)."""
     lead = () if layer is None else (layer,)
     new = new.astype(cache.dtype)
+    if cache.ndim == 6:  # the decode engine's grouped buffer [L, Gr, Wg, KV, S, D]: row r is slot r % wg of group r // wg
+        groups, b = cache.shape[1], new.shape[0]
+        rows = jnp.arange(b // groups)
+        write = lambda c, n, s: c.at[layer, rows, :, s].set(n, mode="drop")  # noqa: E731  (dead slots run past S)
+        return jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(
+            cache, new[:, :, 0].reshape(groups, b // groups, *new.shape[1:2], new.shape[3]),
+            jnp.reshape(first_slot, (groups, b // groups)))
     if jnp.ndim(first_slot) == 1:
         return cache.at[(*lead, jnp.arange(new.shape[0]), slice(None), first_slot)].set(new[:, :, 0])
     return jax.lax.dynamic_update_slice(cache, new[None] if lead else new, (*lead, 0, 0, first_slot, 0))
@@ -50,7 +57,9 @@ def _write_new(cache: Array, new: Array, first_slot, layer: Array | None = None)
 class KVCache(NamedTuple):
     """Keys/values of earlier tokens. `index` is the next slot to write: one scalar for all rows, or
     an int32 [B] per row (the decode engine's slots, which serve rows of different lengths; then one
-    new token per call)."""
+    new token per call). The engine's k/v are one grouped buffer [L, Gr, Wg, KV, S', D] for a whole
+    call: a call then reads the view of the first B / Gr slots of each group and the first S
+    (key_mask's length) cache slots, and writes in place (`_layer_view`, `_write_new`)."""
 
     k: Array  # [L, B, KV, S, D]
     v: Array  # [L, B, KV, S, D]
@@ -62,6 +71,15 @@ class KVCache(NamedTuple):
         rep = lambda x: constrain(jnp.repeat(x, k, axis=0))  # noqa: E731
         per_layer = lambda x: jax.vmap(rep)(x)  # noqa: E731  (rows are axis 1 of [L, B, ...])
         return KVCache(per_layer(self.k), per_layer(self.v), rep(self.key_mask), self.index)
+
+
+def _layer_view(cache: Array, layer: Array, rows: int, slots: int) -> Array:
+    """Layer `layer` of a stacked cache as [B, KV, S, D] (a grouped buffer: its view, read as one slice)."""
+    if cache.ndim == 5:
+        return jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
+    _, groups, _, kv, _, d = cache.shape
+    view = jax.lax.dynamic_slice(cache, (layer, 0, 0, 0, 0, 0), (1, groups, rows // groups, kv, slots, d))
+    return view.reshape(rows, kv, slots, d)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
@@ -264,7 +282,7 @@ def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.
         layer_params, i, extra = xs
         if ck is None:
             return (one_layer(x, layer_params, extra, None)[0], None, None), None
-        take = lambda c: jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False)  # noqa: E731
+        take = lambda c: _layer_view(c, i, x.shape[0], mask.key_mask.shape[1])  # noqa: E731
         x, (k, v) = one_layer(x, layer_params, extra, (take(ck), take(cv)))
         put = lambda c, new: _write_new(c, new, mask.first_slot, i)  # noqa: E731
         return (x, put(ck, k), put(cv, v)), None
