@@ -134,8 +134,10 @@ def _refill(slots: Slots, prompts: Prompts, next_row: Array, lim: Limits, place:
             return place(jnp.where(take[:, :, None, None, None], gathered.astype(old.dtype), old))
         return one
 
-    k = _per_layer(slots.k, head(_by_group(prompts.k, groups, 1)))
-    v = _per_layer(slots.v, head(_by_group(prompts.v, groups, 1)))
+    # Only when a slot takes a row (a loop of no layers otherwise: a `cond` around the buffers made XLA copy them).
+    count = jnp.where(jnp.any(take), slots.k.shape[0], 0)
+    k = _per_layer(slots.k, head(_by_group(prompts.k, groups, 1)), count)
+    v = _per_layer(slots.v, head(_by_group(prompts.v, groups, 1)), count)
     slots = slots._replace(k=k, v=v, key_mask=key_mask, index=jnp.where(take, tp, slots.index), row=row,
                            j=jnp.where(take, 0, slots.j), logits=logits, live=slots.live | take)
     return slots, next_row + jnp.sum(take, axis=1, dtype=jnp.int32)
@@ -169,10 +171,8 @@ def _iteration(model: Transformer, choose: Choose, key: Array, prompts: Prompts,
     regroup = lambda x: place(x.reshape(groups, wg, *x.shape[1:]))  # noqa: E731
     slots = Slots(cache.k, cache.v, regroup(cache.key_mask), regroup(cache.index), s.row, j,
                   regroup(logits[:, 0]), live)
-    # 3. REFILL (only when a slot is free and a row waits)
-    slots, next_row = jax.lax.cond(
-        jnp.any(~live) & jnp.any(loop.next_row < rows),
-        lambda sl, nr: _refill(sl, prompts, nr, lim, place), lambda sl, nr: (sl, nr), slots, loop.next_row)
+    # 3. REFILL (its cache copy runs only when a slot is free and a row waits)
+    slots, next_row = _refill(slots, prompts, loop.next_row, lim, place)
     return Loop(slots, out, next_row, loop.slot_steps + live.size, loop.steps + 1)
 
 
@@ -272,10 +272,11 @@ def decode(
     phases = [Phase(slots, length) for length in lengths] + [Phase(w, lengths[-1]) for w in widths(slots, groups)[1:]]
     stop_len = jnp.full((n,), r, jnp.int32) if stop_len_N is None else stop_len_N.astype(jnp.int32)
     cfg = model.config
-    buf = jnp.zeros((cfg.num_layers, groups, wg, cfg.num_kv_heads, tp + r, cfg.head_dim), model.dtype)
-    buf = jax.vmap(place)(buf)  # groups are axis 1
+    # Keys and values each their own buffer (one array for both would make XLA copy it before writing).
+    buf = lambda: jax.vmap(place)(jnp.zeros((cfg.num_layers, groups, wg, cfg.num_kv_heads, tp + r, cfg.head_dim),  # noqa: E731
+                                            model.dtype))  # groups are axis 1
     zeros = place(jnp.zeros((groups, wg), jnp.int32))
-    empty = Slots(buf, buf, place(jnp.zeros((groups, wg, lengths[0]), bool)), zeros + tp, zeros, zeros,
+    empty = Slots(buf(), buf(), place(jnp.zeros((groups, wg, lengths[0]), bool)), zeros + tp, zeros, zeros,
                   place(jnp.zeros((groups, wg, prompts.logits.shape[1]), jnp.float32)), zeros.astype(bool))
     shape = (groups, n // groups, r)
     out = Outputs(*(place(x) for x in (jnp.full(shape, lim.pad_id, jnp.int32), jnp.zeros(shape, jnp.int32),
