@@ -41,13 +41,20 @@ Place = Callable[[Array], Array]
 
 
 class Prompts(NamedTuple):
-    """Each distinct prompt prefilled once; rows copy from here when they enter a slot."""
+    """A call's prompts by group, prefilled a chunk of c prompts per group at a time into a ring of
+    Q = c or 2c prompts (rows copy their prompt's keys from the ring when they enter a slot).
 
-    k: Array  # [L, P, KV, Tp, D]
+    Rows enter in order and a chunk has at least as many rows as a group has slots, so the rows
+    that may enter at once span at most two chunks: the ring holds the last two, and the prompts'
+    keys take 2c prompts' room per device, not P / Gr (7 GiB per H100 at 7B with 1,024 prompts)."""
+
+    ids: Array  # [Gr, Pc, Tp] int32 the group's prompts, padded with empty ones to whole chunks
+    mask: Array  # [Gr, Pc, Tp] bool
+    length: Array  # [Gr, Pc] int32 real tokens (the rotary position of the first response token)
+    k: Array  # [L, Gr, Q, KV, Tp, D] the ring: local prompt q at (q // c) % (Q // c) * c + q % c
     v: Array
-    mask: Array  # [P, Tp] bool
-    length: Array  # [P] int32 real tokens (the rotary position of the first response token)
-    logits: Array  # [P, V] float32 logits of the first response token
+    logits: Array  # [Gr, Q, V] float32 logits of the prompt's first response token
+    chunks: Array  # int32: chunks prefilled (prompts [0, chunks * c) of every group)
 
 
 class Outputs(NamedTuple):
@@ -72,6 +79,7 @@ class Slots(NamedTuple):
 
 class Loop(NamedTuple):
     slots: Slots
+    prompts: Prompts
     out: Outputs
     next_row: Array  # [Gr] int32: the group's rows below it have entered a slot
     slot_steps: Array  # int32: sum over iterations of the width
@@ -86,15 +94,41 @@ class Limits(NamedTuple):
     group: int
     eos: tuple[int, ...]
     pad_id: int
+    chunk: int = 0  # c: prompts per group prefilled at once (set by `decode`)
 
 
-def prefill(model: Transformer, ids_PxTp: Array, mask_PxTp: Array) -> Prompts:
-    """PREFILL each prompt once into a cache of exactly Tp slots."""
+def prefill(model: Transformer, ids_PxTp: Array, mask_PxTp: Array) -> tuple[KVCache, Array]:
+    """PREFILL prompts into a cache of exactly Tp slots; the logits [P, V] of their first response token."""
     p, tp = ids_PxTp.shape
     hidden, cache = model.hidden(ids_PxTp, mask_PxTp, cache=init_cache(model.config, p, tp, model.dtype))
     # Left padding: the last column is each prompt's last token; only its logits are needed.
-    logits = model.logits(hidden[:, -1:])[:, 0]
-    return Prompts(cache.k, cache.v, mask_PxTp.astype(bool), mask_PxTp.sum(-1).astype(jnp.int32), logits)
+    return cache, model.logits(hidden[:, -1:])[:, 0]
+
+
+def _prefill_chunk(model: Transformer, pr: Prompts, c: int, place: Place) -> Prompts:
+    """The next chunk of every group's prompts prefilled into the ring (over the oldest chunk)."""
+    groups, tp = pr.ids.shape[0], pr.ids.shape[2]
+    cut = lambda x: place(jax.lax.dynamic_slice_in_dim(x, pr.chunks * c, c, axis=1).reshape(groups * c, tp))  # noqa: E731
+    cache, logits = prefill(model, cut(pr.ids), cut(pr.mask).astype(jnp.int32))
+    at = pr.chunks % (pr.logits.shape[1] // c) * c
+    put = lambda ring, new: jax.lax.dynamic_update_slice(  # noqa: E731
+        ring, jax.vmap(place)(_by_group(new, groups, 1)).astype(ring.dtype), (0, 0, at, 0, 0, 0))
+    logits = jax.lax.dynamic_update_slice(pr.logits, place(_by_group(logits, groups)), (0, at, 0))
+    return pr._replace(k=put(pr.k, cache.k), v=put(pr.v, cache.v), logits=logits, chunks=pr.chunks + 1)
+
+
+def _prompts(model: Transformer, ids_PxTp: Array, mask_PxTp: Array, groups: int, c: int, place: Place) -> Prompts:
+    """The empty ring and the prompts by group, padded to whole chunks."""
+    cfg = model.config
+    p, tp = ids_PxTp.shape
+    chunks = -(-(p // groups) // c)
+    pad = lambda x: place(jnp.pad(_by_group(x, groups), [(0, 0), (0, chunks * c - p // groups), (0, 0)]))  # noqa: E731
+    mask = pad(mask_PxTp.astype(bool))
+    q = c * min(2, chunks)
+    ring = lambda: jax.vmap(place)(jnp.zeros((cfg.num_layers, groups, q, cfg.num_kv_heads, tp, cfg.head_dim),  # noqa: E731
+                                             model.dtype))
+    return Prompts(pad(ids_PxTp.astype(jnp.int32)), mask, mask.sum(-1, dtype=jnp.int32), ring(), ring(),
+                   place(jnp.zeros((groups, q, cfg.vocab_size), jnp.float32)), jnp.zeros((), jnp.int32))
 
 
 def _by_group(x: Array, groups: int, axis: int = 0) -> Array:
@@ -111,41 +145,46 @@ def _per_layer(buf: Array, fn: Callable[[Array, Array], Array], count: Array | i
     return jax.lax.fori_loop(0, buf.shape[0] if count is None else count, body, buf)
 
 
-def _refill(slots: Slots, prompts: Prompts, next_row: Array, lim: Limits, place: Place) -> tuple[Slots, Array]:
-    """REFILL each group's free slots with its next waiting rows, in row order."""
+def _refill(model: Transformer, slots: Slots, prompts: Prompts, next_row: Array, lim: Limits,
+            place: Place) -> tuple[Slots, Prompts, Array]:
+    """REFILL each group's free slots with its next waiting rows, in row order (first the next chunk
+    of prompts prefilled if one of those rows needs it)."""
     groups, wg = slots.live.shape
-    rows = lim.rows // groups
-    p_g = prompts.mask.shape[0] // groups
-    tp = prompts.mask.shape[1]
+    rows, c = lim.rows // groups, lim.chunk
+    tp = prompts.mask.shape[2]
     free = ~slots.live
     rank = jnp.cumsum(free, axis=1, dtype=jnp.int32) - 1
-    take = free & (next_row[:, None] + rank < rows)
+    last = jnp.minimum(next_row + jnp.sum(free, axis=1, dtype=jnp.int32), rows) - 1  # the last row that may enter
+    need = jnp.any((last >= next_row) & (last // lim.group >= prompts.chunks * c))
+    prompts = jax.lax.fori_loop(0, need.astype(jnp.int32), lambda _, pr: _prefill_chunk(model, pr, c, place), prompts)
+    take = free & (next_row[:, None] + rank < jnp.minimum(rows, prompts.chunks * c * lim.group))
     row = jnp.where(take, next_row[:, None] + rank, slots.row)
-    p = jnp.clip(row // lim.group, 0, p_g - 1)  # [Gr, wg] the group's own prompts
-    local = lambda x, g_axis: jax.vmap(lambda xg, pg: xg[pg], in_axes=(g_axis, 0), out_axes=g_axis)(x, p)  # noqa: E731
-    mask_head = jnp.where(take[..., None], local(_by_group(prompts.mask, groups), 0), slots.key_mask[:, :, :tp])
+    q = jnp.clip(row // lim.group, 0, prompts.mask.shape[1] - 1)  # [Gr, wg] the group's own prompts
+    ring_q = q // c % (prompts.logits.shape[1] // c) * c + q % c
+    local = lambda x, i, g_axis=0: jax.vmap(lambda xg, ig: xg[ig], in_axes=(g_axis, 0), out_axes=g_axis)(x, i)  # noqa: E731
+    mask_head = jnp.where(take[..., None], local(prompts.mask, q), slots.key_mask[:, :, :tp])
     key_mask = place(slots.key_mask.at[:, :, :tp].set(mask_head))
-    logits = place(jnp.where(take[..., None], local(_by_group(prompts.logits, groups), 0), slots.logits))
+    logits = place(jnp.where(take[..., None], local(prompts.logits, ring_q), slots.logits))
 
     def head(src_LxGrxPgxKVxTpxD: Array) -> Callable[[Array, Array], Array]:
         def one(l: Array, layer_GrxWgxKVxSxD: Array) -> Array:  # the layer's first Tp slots of the view
-            gathered = local(jax.lax.dynamic_index_in_dim(src_LxGrxPgxKVxTpxD, l, 0, keepdims=False), 0)
+            gathered = local(jax.lax.dynamic_index_in_dim(src_LxGrxPgxKVxTpxD, l, 0, keepdims=False), ring_q)
             old = layer_GrxWgxKVxSxD[:, :wg, :, :tp]
             return place(jnp.where(take[:, :, None, None, None], gathered.astype(old.dtype), old))
         return one
 
     # Only when a slot takes a row (a loop of no layers otherwise: a `cond` around the buffers made XLA copy them).
     count = jnp.where(jnp.any(take), slots.k.shape[0], 0)
-    k = _per_layer(slots.k, head(_by_group(prompts.k, groups, 1)), count)
-    v = _per_layer(slots.v, head(_by_group(prompts.v, groups, 1)), count)
+    k = _per_layer(slots.k, head(prompts.k), count)
+    v = _per_layer(slots.v, head(prompts.v), count)
     slots = slots._replace(k=k, v=v, key_mask=key_mask, index=jnp.where(take, tp, slots.index), row=row,
                            j=jnp.where(take, 0, slots.j), logits=logits, live=slots.live | take)
-    return slots, next_row + jnp.sum(take, axis=1, dtype=jnp.int32)
+    return slots, prompts, next_row + jnp.sum(take, axis=1, dtype=jnp.int32)
 
 
-def _iteration(model: Transformer, choose: Choose, key: Array, prompts: Prompts, stop_len: Array,
-               lim: Limits, place: Place, loop: Loop) -> Loop:
-    s, out = loop.slots, loop.out
+def _iteration(model: Transformer, choose: Choose, key: Array, stop_len: Array, lim: Limits, place: Place,
+               loop: Loop) -> Loop:
+    s, out, prompts = loop.slots, loop.out, loop.prompts
     groups, wg = s.live.shape
     rows = lim.rows // groups
     flat = lambda x: x.reshape(groups * wg, *x.shape[2:])  # noqa: E731
@@ -163,8 +202,7 @@ def _iteration(model: Transformer, choose: Choose, key: Array, prompts: Prompts,
             | (j >= jnp.take_along_axis(stop_len, jnp.clip(s.row, 0, rows - 1), axis=1)))
     live = s.live & ~stop
     # 2. FORWARD (every slot of the view: a batch of fixed width; stopped slots' results are never read)
-    length = jnp.take_along_axis(_by_group(prompts.length, groups), jnp.clip(s.row // lim.group, 0,
-                                 prompts.length.shape[0] // groups - 1), axis=1)
+    length = jnp.take_along_axis(prompts.length, jnp.clip(s.row // lim.group, 0, prompts.length.shape[1] - 1), axis=1)
     cache = KVCache(s.k, s.v, flat(s.key_mask), flat(s.index))  # a grouped buffer: the model reads the view
     logits, cache = model(flat(tok)[:, None], jnp.ones((groups * wg, 1), jnp.int32),
                           positions=flat(length + s.j)[:, None], cache=cache)
@@ -172,8 +210,8 @@ def _iteration(model: Transformer, choose: Choose, key: Array, prompts: Prompts,
     slots = Slots(cache.k, cache.v, regroup(cache.key_mask), regroup(cache.index), s.row, j,
                   regroup(logits[:, 0]), live)
     # 3. REFILL (its cache copy runs only when a slot is free and a row waits)
-    slots, next_row = _refill(slots, prompts, loop.next_row, lim, place)
-    return Loop(slots, out, next_row, loop.slot_steps + live.size, loop.steps + 1)
+    slots, prompts, next_row = _refill(model, slots, prompts, loop.next_row, lim, place)
+    return Loop(slots, prompts, out, next_row, loop.slot_steps + live.size, loop.steps + 1)
 
 
 def _pack(slots: Slots, width: int, place: Place) -> Slots:
@@ -255,19 +293,21 @@ def _run(phases: list[Phase], body: Callable[[Loop], Loop], tp: int, rows: int, 
 
 
 def decode(
-    model: Transformer, prompts: Prompts, key: Array, choose: Choose, lim: Limits, *,
+    model: Transformer, ids_PxTp: Array, mask_PxTp: Array, key: Array, choose: Choose, lim: Limits, *,
     slots: int, batch_devices: int = 1, stop_len_N: Array | None = None, place: Place = lambda x: x,
 ) -> tuple[Outputs, Array, Array]:
-    """All N rows decoded over `slots` slots. Returns the outputs, the slot-steps and iterations spent.
+    """All N rows of the left-padded prompts decoded over `slots` slots. Returns the outputs, the
+    slot-steps and iterations spent.
 
     `stop_len_N` forces row n to stop after that many tokens (benchmarks: a random model never
     emits a stop id of its own); None: only stop ids and R stop a row. The prompts and rows are
     split into `batch_devices` groups (each a multiple of it), `slots` too."""
     n, r, groups = lim.rows, lim.max_new, batch_devices
-    p, tp = prompts.mask.shape
+    p, tp = ids_PxTp.shape
     if p % groups or slots % groups:
         raise ValueError(f"{p} prompts and {slots} slots must split evenly over {groups} batch devices")
     wg = slots // groups
+    lim = lim._replace(chunk=min(-(-wg // lim.group), p // groups))  # a chunk's rows fill the group's slots
     lengths = cache_lengths(tp, r)
     phases = [Phase(slots, length) for length in lengths] + [Phase(w, lengths[-1]) for w in widths(slots, groups)[1:]]
     stop_len = jnp.full((n,), r, jnp.int32) if stop_len_N is None else stop_len_N.astype(jnp.int32)
@@ -277,13 +317,14 @@ def decode(
                                             model.dtype))  # groups are axis 1
     zeros = place(jnp.zeros((groups, wg), jnp.int32))
     empty = Slots(buf(), buf(), place(jnp.zeros((groups, wg, lengths[0]), bool)), zeros + tp, zeros, zeros,
-                  place(jnp.zeros((groups, wg, prompts.logits.shape[1]), jnp.float32)), zeros.astype(bool))
+                  place(jnp.zeros((groups, wg, cfg.vocab_size), jnp.float32)), zeros.astype(bool))
     shape = (groups, n // groups, r)
     out = Outputs(*(place(x) for x in (jnp.full(shape, lim.pad_id, jnp.int32), jnp.zeros(shape, jnp.int32),
                                        jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))))
-    first, next_row = _refill(empty, prompts, place(jnp.zeros((groups,), jnp.int32)), lim, place)
+    prompts = _prompts(model, ids_PxTp, mask_PxTp, groups, lim.chunk, place)
+    first, prompts, next_row = _refill(model, empty, prompts, place(jnp.zeros((groups,), jnp.int32)), lim, place)
     zero = jnp.zeros((), jnp.int32)
-    body = functools.partial(_iteration, model, choose, key, prompts, place(_by_group(stop_len, groups)), lim, place)
-    loop = _run(phases, body, tp, n // groups, place, Loop(first, out, next_row, zero, zero))
+    body = functools.partial(_iteration, model, choose, key, place(_by_group(stop_len, groups)), lim, place)
+    loop = _run(phases, body, tp, n // groups, place, Loop(first, prompts, out, next_row, zero, zero))
     flat_out = Outputs(*(x.reshape(n, r) for x in loop.out))
     return flat_out, loop.slot_steps, loop.steps

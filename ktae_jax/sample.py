@@ -4,7 +4,8 @@ Letters: P prompts, Tp prompt columns (left-padded), G samples per prompt, N = P
 R = max_new_tokens, V vocabulary.
 
 The steps of `sample_from_state`:
-  1. PREFILL each distinct prompt once (its keys/values and the logits of its first response token).
+  1. PREFILL each distinct prompt once (its keys/values and the logits of its first response token),
+     a chunk of prompts at a time, when their rows are about to enter a slot (`engine.Prompts`).
   2. DECODE the N rows (rows i*G .. i*G+G-1 answer prompt i) on `slots` decode slots with
      `ktae_jax.engine`: a row enters a free slot with a copy of its prompt's keys, takes one token
      per loop iteration, and leaves at a stop id or R tokens; its slot then takes the next row.
@@ -180,11 +181,10 @@ def sample_from_state(
     devices = batch_devices(mesh)
     slots = check_shapes(model, p, tp, config, devices)
     place = functools.partial(constrain_batch, mesh=mesh)
-    prompts = engine.prefill(model, prompt_ids_PxTp, prompt_mask_PxTp)
     lim = engine.Limits(p * config.num_samples, config.max_new_tokens, config.num_samples, config.eos_ids,
                         config.pad_id)
     choose = lambda logits, u: choose_tokens(logits, None, config, u)  # noqa: E731
-    out, slot_steps, steps = engine.decode(model, prompts, key, choose, lim, slots=slots, batch_devices=devices,
+    out, slot_steps, steps = engine.decode(model, prompt_ids_PxTp, prompt_mask_PxTp, key, choose, lim, slots=slots, batch_devices=devices,
                                            stop_len_N=stop_lengths_N, place=place)
     out = jax.tree.map(place, out)
     return Rollout(out.tokens, out.mask, out.logp, out.policy_logp, out.mask.sum(-1).astype(jnp.int32),
