@@ -4,13 +4,16 @@
         [--mesh configs/mesh/gpu_1x8.yaml] [--slots-per-device N] [--cache-len L]
 
 One decode iteration of the engine (`engine._iteration`: choose, one forward of every slot, the
-refill branch) is compiled for 8 abstract H100s (`../shared/aot/h100_sxm.txtpb`, jax-cuda12-plugin,
+refill with its prefill of the next chunk of prompts) is compiled for 8 abstract H100s (`../shared/aot/h100_sxm.txtpb`, jax-cuda12-plugin,
 no GPU needed) from abstract parameters, twice:
   before   the training parameters as the sampler read them until now (param dtype, FSDP-sharded)
   after    the rollout copy (`sample.decode_params`: compute dtype, `mesh.decode_shardings`)
 and the bytes moved by its collectives (all-gather, all-reduce, reduce-scatter, all-to-all,
-collective-permute: the size of each result) are summed from the optimized HLO, split into the
-always-run part and the refill branch (run only when a row finishes and another waits).
+collective-permute: the size of each result; loop bodies counted once) are summed from the
+optimized HLO of three programs compiled apart: the step without its refill (run every step),
+the refill (run when a row finishes and another waits: the copy of the entering rows' prompt
+keys, and the prefill of the next chunk of prompts when a waiting row needs it) and that chunk
+prefill alone (once per chunk of prompts).
 """
 
 from __future__ import annotations
@@ -105,51 +108,72 @@ def main() -> None:
     cast = lambda x: jax.ShapeDtypeStruct(x.shape, compute if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)  # noqa: E731
     after = sharded(jax.tree.map(cast, params), mesh_lib.decode_shardings(params, mesh))
 
-    batch = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.batch_sharding(mesh, shape))  # noqa: E731
-    layers = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731  [L, rows, ...]: rows split as a batch
-        shape, dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-            None, *mesh_lib.batch_sharding(mesh, shape[1:]).spec)))
-    kv_shape = (model_cfg.num_layers, w, model_cfg.num_kv_heads, length, model_cfg.head_dim)
-    cache = KVCache(layers(kv_shape, compute), layers(kv_shape, compute), batch((w, length), jnp.bool_), batch((w,), jnp.int32))
-    prompt_kv = layers((model_cfg.num_layers, p, model_cfg.num_kv_heads, tp, model_cfg.head_dim), compute)
-    prompts = engine.Prompts(prompt_kv, prompt_kv, batch((p, tp), jnp.bool_), batch((p,), jnp.int32),
-                             batch((p, model_cfg.vocab_size), jnp.float32))
-    slots = engine.Slots(cache, batch((w,), jnp.int32), batch((w,), jnp.int32), batch((w, model_cfg.vocab_size), jnp.float32),
-                         batch((w,), jnp.bool_))
-    n = w * 2
-    out = engine.Outputs(batch((n, r.max_new_tokens), jnp.int32), batch((n, r.max_new_tokens), jnp.int32),
-                         batch((n, r.max_new_tokens), jnp.float32), batch((n, r.max_new_tokens), jnp.float32))
-    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    loop = engine.Loop(slots, out, scalar, scalar, scalar)
+    groups = devices
+    wg = w // groups
+    c = -(-wg // r.group_size)  # as engine.decode chooses it
+    p_g = r.prompts_per_step // groups
+    ring = c * min(2, -(-p_g // c))
+    spec = mesh_lib.batch_sharding(mesh, (groups,)).spec[0]
+    grouped = lambda shape, dtype, axis=0: jax.ShapeDtypeStruct(  # noqa: E731  groups split over the batch devices
+        shape, dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*(None,) * axis, spec)))
+    L, kv, d, v = model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, model_cfg.vocab_size
+    f32, i32 = jnp.float32, jnp.int32
+    buf = grouped((L, groups, wg, kv, tp + r.max_new_tokens, d), compute, 1)
+    slots = engine.Slots(buf, buf, grouped((groups, wg, length), jnp.bool_), grouped((groups, wg), i32),
+                         grouped((groups, wg), i32), grouped((groups, wg), i32), grouped((groups, wg, v), f32),
+                         grouped((groups, wg), jnp.bool_))
+    ring_kv = grouped((L, groups, ring, kv, tp, d), compute, 1)
+    prompts = engine.Prompts(grouped((groups, p_g, tp), i32), grouped((groups, p_g, tp), jnp.bool_),
+                             grouped((groups, p_g), i32), ring_kv, ring_kv, grouped((groups, ring, v), f32),
+                             jax.ShapeDtypeStruct((), i32))
+    n = r.prompts_per_step * r.group_size
+    out = engine.Outputs(*(grouped((groups, n // groups, r.max_new_tokens), t) for t in (i32, i32, f32, f32)))
+    scalar = jax.ShapeDtypeStruct((), i32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    loop = engine.Loop(slots, prompts, out, grouped((groups,), i32), scalar, scalar)
     sampling = SamplingConfig(r.max_new_tokens, temperature=r.temperature, num_samples=r.group_size, eos_ids=(0,))
-    lim = engine.Limits(n, r.max_new_tokens, r.group_size, (0,), 0)
+    lim = engine.Limits(n, r.max_new_tokens, r.group_size, (0,), 0, chunk=c)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    place = functools.partial(mesh_lib.constrain_batch, mesh=mesh)
+    refill = engine._refill
 
-    def one_step(state, key, prompts, loop, stops):
+    def step(state, key, loop, stops):  # choose + forward (the refill left out: counted apart)
         model = nnx.merge(graphdef, state)
         choose = lambda logits, u: choose_tokens(logits, None, sampling, u)  # noqa: E731
-        place = functools.partial(mesh_lib.constrain_batch, mesh=mesh)
-        return engine._iteration(model, choose, jax.random.wrap_key_data(key), prompts, stops, lim, place, loop)
+        engine._refill = lambda model, sl, pr, nr, lim, place: (sl, pr, nr)  # noqa: E731
+        try:
+            return engine._iteration(model, choose, jax.random.wrap_key_data(key), stops, lim, place, loop)
+        finally:
+            engine._refill = refill
 
-    stops = batch((n,), jnp.int32)
+    def refill_only(state, loop):
+        return refill(nnx.merge(graphdef, state), loop.slots, loop.prompts, loop.next_row, lim, place)
+
+    def prefill_only(state, prompts):
+        return engine._prefill_chunk(nnx.merge(graphdef, state), prompts, c, place)
+
+    stops = grouped((groups, n // groups), i32)
     print(f"{cfg.model.path}: {model_cfg.num_params / 1e9:.2f}B params ({param_dtype.name}, compute {compute.name}); "
           f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']} on 8 x H100 "
-          f"(compile-only); {w} decode slots, cache {length} slots")
+          f"(compile-only); {w} decode slots, cache view {length} of {tp + r.max_new_tokens} slots, "
+          f"prompt chunks of {c} per device")
+    keep = lambda tree: jax.tree.map(lambda x: getattr(x, "sharding", None), tree)  # noqa: E731
+    programs = {"every step": (step, (key, loop, stops), keep(loop)),
+                "per refill": (refill_only, (loop,), keep((slots, prompts, loop.next_row))),
+                "per chunk prefill": (prefill_only, (prompts,), keep(prompts))}
     for name, state in (("before", before), ("after", after)):
-        start = time.perf_counter()
-        # The loop state leaves the step laid out as it came (inside the sampler it never leaves the loop).
-        keep = jax.tree.map(lambda x: getattr(x, "sharding", None), loop)
-        compiled = jax.jit(one_step, out_shardings=keep).lower(state, key, prompts, loop, stops).compile()
-        hlo = compiled.as_text()
-        if args.dump:
-            pathlib.Path(args.dump).mkdir(parents=True, exist_ok=True)
-            (pathlib.Path(args.dump) / f"{name}.hlo.txt").write_text(hlo)
-        always, branch, per_op = collective_bytes(hlo)
-        ops = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(per_op.items()))
-        print(f"{name:<7} per decode step: {always / 2**30:8.2f} GiB every step, {branch / 2**30:8.2f} GiB in the "
-              f"refill branch ({ops}); compiled in {time.perf_counter() - start:.0f} s")
-        sys.stdout.flush()
-
+        for part, (fn, args_, outs) in programs.items():
+            start = time.perf_counter()
+            # The loop state leaves laid out as it came (inside the sampler it never leaves the loop).
+            compiled = jax.jit(fn, out_shardings=outs).lower(state, *args_).compile()
+            hlo = compiled.as_text()
+            if args.dump:
+                pathlib.Path(args.dump).mkdir(parents=True, exist_ok=True)
+                (pathlib.Path(args.dump) / f"{name}.{part.replace(' ', '_')}.hlo.txt").write_text(hlo)
+            always, branch, per_op = collective_bytes(hlo)
+            ops = ", ".join(f"{k} {b / 2**30:.2f} GiB" for k, b in sorted(per_op.items())) or "none"
+            print(f"{name:<7} {part:<17}: {(always + branch) / 2**30:8.3f} GiB ({ops}); compiled in "
+                  f"{time.perf_counter() - start:.0f} s")
+            sys.stdout.flush()
 
 if __name__ == "__main__":
     main()

@@ -158,8 +158,16 @@ def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
     # turn; their gradients exist unsplit before they are reduced.
     tables = model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2) * p_bytes / tensor
     gathered = 2 * (tables + layer_params(model) * p_bytes / tensor) if fsdp > 1 else 0.0
-    update = params + (trainable if spec else 0.0) + adam + grads + reference + gathered + activations + scores
-    sampler = params + (trainable if spec else 0.0) + adam + reference + tables / (1 if fsdp > 1 else param_shards) + kv_cache
+    # The rollout copy of the policy (`sample.decode_params`: compute dtype, whole along fsdp, split
+    # by tensor) stays from one step's sampling to the next: beside the update too.
+    rollout_copy = n_params * c_bytes / tensor
+    # The engine prefills prompts a chunk at a time into a ring of two chunks per device (`engine.Prompts`).
+    slots_per_device = sample_rows_per_device
+    chunk = min(-(-slots_per_device // cfg.rollout.group_size), max(cfg.rollout.prompts_per_step // batch_devices, 1))
+    prompt_ring = kv_cache * cfg.data.max_prompt_len / seq * 2 * chunk / max(slots_per_device, 1)
+    lora = trainable if spec else 0.0
+    update = params + lora + adam + grads + reference + gathered + activations + scores + rollout_copy
+    sampler = params + lora + adam + reference + rollout_copy + kv_cache + prompt_ring
 
     lines = [
         "# resolved config", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "",
@@ -179,9 +187,11 @@ def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
         f"  attention scores kept (1 micro-batch)  {_gb(scores)}  (model.attention={cfg.model.attention})",
         f"  other activations (1 micro-batch)      {_gb(activations)}  (model.remat={cfg.model.remat})",
         f"  gathered weights + their unsplit gradients (FSDP)  {_gb(gathered)}",
-        f"  sampler KV cache      {_gb(kv_cache)}  ({sample_rows_per_device} rollouts per device per sampler call)",
-        f"  update  (state, gradients, gathered weights, activations)  {_gb(update)}",
-        f"  sampler (state, gathered tables, KV cache)                 {_gb(sampler)}",
+        f"  rollout copy of the policy  {_gb(rollout_copy)}  (compute dtype, not split by fsdp; kept between steps)",
+        f"  sampler KV cache      {_gb(kv_cache)}  ({sample_rows_per_device} decode slots per device)",
+        f"  sampler prompt keys   {_gb(prompt_ring)}  (2 chunks of {chunk} prompts per device)",
+        f"  update  (state, gradients, gathered weights, activations, rollout copy)  {_gb(update)}",
+        f"  sampler (state, rollout copy, KV cache, prompt keys)                      {_gb(sampler)}",
         "a shape estimate; XLA's own figures per device (update, log-prob pass, sampler) for a target:",
         "  ktae-train <these configs> --compile-only --target NAME  (e.g. v5p-128, h100x8; see README)",
     ]

@@ -209,3 +209,18 @@ def test_dry_run_knows_qwen3_by_folder_name(name, tmp_path, capsys):
     assert f"built-in architecture of {name}" in line and line.startswith("model: qwen3, ")
     printed = float(line.split(", ")[1].split("B parameters")[0])  # billions, 3 decimals
     assert abs(printed * 1e9 - total) <= 0.5e6, (line, total)
+
+
+def test_dry_run_counts_the_rollout_copy_beside_update_and_sampler():
+    """#14: the bf16 rollout copy of the 7B policy (whole on each of 8 GPUs: 2 bytes x parameters)
+    is in the plan, and in both the update's and the sampler's totals."""
+    import re
+
+    from ktae_jax.plan import KNOWN_ARCHITECTURES, ModelConfig
+
+    plan = dry_run(load_config([CONFIGS / "paper/dapo_ktae_7b.yaml", CONFIGS / "mesh/gpu_1x8.yaml"]))
+    gib = lambda label: float(re.search(rf"  {label}.*?([\d.]+) GiB", plan).group(1))  # noqa: E731
+    copy = ModelConfig.from_hf(KNOWN_ARCHITECTURES["qwen2.5-math-7b"]).num_params * 2 / 2**30
+    assert gib("rollout copy of the policy") == pytest.approx(copy, abs=0.01)
+    assert gib(r"update  \(state") > gib("parameters") * 4 + copy
+    assert gib(r"sampler \(state") >= gib("parameters") * 3 + copy + gib("sampler KV cache")
