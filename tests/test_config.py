@@ -1,6 +1,7 @@
 """Configs: YAML + overrides, errors that name the key, the shipped recipe files, the dry run."""
 
 import pathlib
+import re
 
 import pytest
 
@@ -10,7 +11,8 @@ from ktae_jax.config import ConfigError, TrainConfig, load_config
 from ktae_jax.plan import dry_run
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-PAPER = sorted((CONFIGS / "paper").glob("*.yaml"))
+PAPER = sorted(f for f in (CONFIGS / "paper").glob("*.yaml") if re.fullmatch(r"(grpo|dapo)(_ktae)?_(1\.5b|7b)", f.stem))
+LORA_7B = CONFIGS / "paper" / "grpo_ktae_7b_lora.yaml"
 
 
 def test_defaults_overrides_and_round_trip(tmp_path):
@@ -159,6 +161,16 @@ def test_the_eight_paper_recipes_load_and_plan(capsys):
     assert "# resolved config" in out and "mesh: data=1 x fsdp=8 x tensor=1 over 8 device(s)" in out
     assert train_main(["--config", str(PAPER[0]), "--dry-run", "algo.nope=1"]) == 2
     assert "unknown config key algo.nope" in capsys.readouterr().err
+
+
+def test_the_lora_overlay_is_the_paper_recipe_plus_adapters_on_one_device():
+    lora = load_config([LORA_7B]).to_dict()
+    paper = load_config([CONFIGS / "paper" / "grpo_ktae_7b.yaml"]).to_dict()
+    changed = {f"{section}.{key}" for section in paper for key in paper[section]
+               if lora[section][key] != paper[section][key]}
+    assert changed == {"model.param_dtype", "lora.rank", "lora.alpha", "optim.lr", "rollout.sample_prompts_per_device",
+                       "mesh.fsdp", "run.run_dir"}
+    assert lora["lora"]["rank"] > 0 and lora["mesh"]["data"] * lora["mesh"]["fsdp"] * lora["mesh"]["tensor"] == 1
 
 
 def test_tiny_config_is_valid():
