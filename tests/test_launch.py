@@ -70,8 +70,10 @@ def _run(script: str, *args: str, fakes: pathlib.Path | None = None, env: dict |
     if fakes is not None:
         environ["PATH"] = f"{fakes}:{environ['PATH']}"
     environ.update(env or {})
+    # The timeout only stops a hang: the fit checks start a real ktae-train (jax, transformers), which
+    # on a loaded 2-core machine took more than a minute.
     return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True, env=environ,
-                          cwd=REPO, timeout=60)
+                          cwd=REPO, timeout=600)
 
 
 def _calls(fakes: pathlib.Path) -> list[list[str]]:
