@@ -42,13 +42,16 @@ def _write_new(cache: Array, new: Array, first_slot, layer: Array | None = None)
     `layer`) from slot `first_slot`: one slot for all rows, or one per row ([B], with T = 1)."""
     lead = () if layer is None else (layer,)
     new = new.astype(cache.dtype)
-    if cache.ndim == 6:  # the decode engine's grouped buffer [L, Gr, Wg, KV, S, D]: row r is slot r % wg of group r // wg
-        groups, b = cache.shape[1], new.shape[0]
+    if cache.ndim == 6:  # the decode engine's grouped buffer [L, Gr, Wg, KV, S, D], `new` [L, B, KV, 1, D]
+        # for every layer: row r is slot r % wg of group r // wg; dead slots run past S (dropped)
+        groups, b = cache.shape[1], new.shape[1]
         rows = jnp.arange(b // groups)
-        write = lambda c, n, s: c.at[layer, rows, :, s].set(n, mode="drop")  # noqa: E731  (dead slots run past S)
+        new = new[:, :, :, 0].transpose(1, 0, 2, 3)  # [B, L, KV, D]
+        if groups == 1:  # one device: a plain scatter (the vmap below made XLA:CPU copy the buffer to another layout)
+            return cache.at[:, 0, rows, :, first_slot].set(new, mode="drop")
+        write = lambda c, n, s: c.at[:, rows, :, s].set(n, mode="drop")  # noqa: E731
         return jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(
-            cache, new[:, :, 0].reshape(groups, b // groups, *new.shape[1:2], new.shape[3]),
-            jnp.reshape(first_slot, (groups, b // groups)))
+            cache, new.reshape(groups, b // groups, *new.shape[1:]), jnp.reshape(first_slot, (groups, b // groups)))
     if jnp.ndim(first_slot) == 1:
         return cache.at[(*lead, jnp.arange(new.shape[0]), slice(None), first_slot)].set(new[:, :, 0])
     return jax.lax.dynamic_update_slice(cache, new[None] if lead else new, (*lead, 0, 0, first_slot, 0))
@@ -78,7 +81,7 @@ def _layer_view(cache: Array, layer: Array, rows: int, slots: int) -> Array:
     if cache.ndim == 5:
         return jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
     _, groups, _, kv, _, d = cache.shape
-    view = jax.lax.dynamic_slice(cache, (layer, 0, 0, 0, 0, 0), (1, groups, rows // groups, kv, slots, d))
+    view = jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)[:, :rows // groups, :, :slots]
     return view.reshape(rows, kv, slots, d)
 
 
@@ -277,6 +280,9 @@ def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.
         one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[options.remat],
                                    prevent_cse=not options.scan_layers)  # a scan needs no CSE barrier
 
+    if cache is not None and cache.k.ndim == 6:
+        return _run_layers_grouped(one_layer, params, num_layers, per_layer, x, mask, cache, options)
+
     def body(carry, xs):
         x, ck, cv = carry
         layer_params, i, extra = xs
@@ -296,6 +302,30 @@ def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.
             carry, _ = body(carry, jax.tree.map(lambda a: a[i], xs))
     x, ck, cv = carry
     return x, None if cache is None else cache._replace(k=ck, v=cv)
+
+
+def _run_layers_grouped(one_layer, params, num_layers: int, per_layer, x: Array, mask: attn_lib.Mask,
+                        cache: KVCache, options: ModelOptions) -> tuple[Array, KVCache]:
+    """The layers over the decode engine's grouped buffer: each layer reads its view of the buffer
+    (not carried by the loop) and returns its new keys/values, written into the buffer once after
+    the loop. (Carried and written per layer, the buffer was copied whole at every layer by XLA:
+    the read of a layer's view and the in-place write could not be ordered.)"""
+    def body(x, xs):
+        layer_params, i, extra = xs
+        take = lambda c: _layer_view(c, i, x.shape[0], mask.key_mask.shape[1])  # noqa: E731
+        x, (k, v) = one_layer(x, layer_params, extra, (take(cache.k), take(cache.v)))
+        return x, (k, v)
+
+    xs = (params, jnp.arange(num_layers, dtype=jnp.int32), per_layer)
+    if options.scan_layers:
+        x, (k, v) = jax.lax.scan(body, x, xs)
+    else:
+        outs = []
+        for i in range(num_layers):
+            x, kv = body(x, jax.tree.map(lambda a: a[i], xs))
+            outs.append(kv)
+        k, v = (jnp.stack(z) for z in zip(*outs))
+    return x, cache._replace(k=_write_new(cache.k, k, mask.first_slot), v=_write_new(cache.v, v, mask.first_slot))
 
 
 class Transformer(nnx.Module):
