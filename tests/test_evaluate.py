@@ -265,7 +265,7 @@ def test_two_processes_shard_the_evaluation(checkpoint, shared_dir, tmp_path):
            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
     procs = [subprocess.Popen([*cmd, "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
     for p, output in zip(procs, outputs):
         assert p.returncode == 0, output
     assert "| accuracy (%) |" in outputs[0] and "| accuracy (%) |" not in outputs[1]

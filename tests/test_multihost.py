@@ -38,8 +38,8 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
                                 env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for i in range(2)]
     single = subprocess.run(_command(checkpoint, data, tmp_path / "single"), env=_env(4), capture_output=True,
-                            text=True, timeout=400)
-    outputs = [w.communicate(timeout=400)[0] for w in workers]
+                            text=True, timeout=900)
+    outputs = [w.communicate(timeout=900)[0] for w in workers]
     assert single.returncode == 0, single.stdout + single.stderr
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output

@@ -70,12 +70,12 @@ def test_second_trainer_on_a_busy_run_dir_is_refused_and_the_first_finishes_inta
     run_dir = tmp_path / "run"
     command = _train_command(checkpoint, data, run_dir, **{"run.max_steps": 6, "run.checkpoint_every": 2})
     first = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while time.time() < deadline and str(first.pid) not in _read(run_dir / ".lock"):
         assert first.poll() is None, first.communicate()[0]
         time.sleep(0.2)
-    second = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=240)
-    output, _ = first.communicate(timeout=240)
+    second = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    output, _ = first.communicate(timeout=600)
     assert first.returncode == 0, output
     assert second.returncode == 1
     message = [line for line in second.stderr.splitlines() if line.startswith("ktae-train")]
@@ -186,7 +186,7 @@ def test_failed_checkpoint_write_exits_nonzero_and_keeps_the_last_good_one(works
     run_dir = tmp_path / "run"
     run(tiny_config(checkpoint, data, run_dir, **{"run.max_steps": 2}), devices=ONE)  # good checkpoints 1 and 2
     longer = _train_command(checkpoint, data, run_dir, **{"run.max_steps": 5})
-    failed = subprocess.run(longer, env=ENV, capture_output=True, text=True, timeout=240,
+    failed = subprocess.run(longer, env=ENV, capture_output=True, text=True, timeout=600,
                             preexec_fn=_limit_file_size)  # a hang fails here, on the timeout
     assert failed.returncode == 1, failed.stdout + failed.stderr
     # stderr holds our one line; orbax's tracebacks of the failure are held back (XLA's start-up notes
