@@ -124,8 +124,9 @@ def report(results: list[dict], plots: pathlib.Path) -> str:
             merged = tasks.setdefault(name, {"base": task["base"], "runs": {}})
             if "greedy" in task["base"]:
                 merged["base"] = task["base"]
-            for arm, runs in task["runs"].items():
-                merged["runs"].setdefault(arm, []).extend(runs)
+            for arm, runs in task["runs"].items():  # a seed run twice (two processes): the first file's counts
+                have = {r["seed"] for r in merged["runs"].setdefault(arm, [])}
+                merged["runs"][arm].extend(r for r in runs if r["seed"] not in have)
     for name, task in tasks.items():
         task["base"].setdefault("greedy", {"accuracy": math.nan, "mean_length": math.nan})
         text, diffs = task_tables(name, task)
