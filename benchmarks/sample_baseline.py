@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ktae_jax.models.transformer import KVCache, init_cache
+from ktae_jax.models.kv_cache import KVCache, init_cache
 from ktae_jax.sample import Rollout, SamplingConfig, choose_tokens
 
 Array = jax.Array

@@ -87,7 +87,7 @@ def main() -> None:
     from ktae_jax import mesh as mesh_lib
     from ktae_jax.config import load_config
     from ktae_jax.models import init_random
-    from ktae_jax.models.transformer import KVCache
+    from ktae_jax.models.kv_cache import KVCache
     from ktae_jax.plan import model_config_for
     from ktae_jax.sample import SamplingConfig, choose_tokens
 

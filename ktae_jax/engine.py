@@ -32,7 +32,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ktae_jax.models.transformer import KVCache, Transformer, init_cache
+from ktae_jax.models.kv_cache import KVCache, init_cache
+from ktae_jax.models.transformer import Transformer
 
 Array = jax.Array
 # (logits [B, V], uniforms [B, 1]) -> (tokens [B], sampling logp [B], policy logp [B])

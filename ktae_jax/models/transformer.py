@@ -10,14 +10,13 @@ axis names as the `logical_axes` metadata, which `ktae_jax.mesh` maps onto devic
 
 The layers' weights are stacked ([L, ...], logical axis "layers") and the stack runs as one
 `lax.scan` (`ModelOptions.scan_layers`; unrolled otherwise), so compile time does not grow with
-depth; each layer's body is rematerialised by `ModelOptions.remat`. The cache is `[L, B, KV, S, D]`.
+depth; each layer's body is rematerialised by `ModelOptions.remat`. The cache (`kv_cache.py`) is `[L, B, KV, S, D]`;
+log-probabilities of given tokens are in `logprobs.py`.
 What differs between layers (Gemma 3: a sliding window, a rope table) goes into the scan as
 per-layer inputs beside the weights, so one traced body serves every layer.
 """
 
 from __future__ import annotations
-
-from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,71 +26,10 @@ from flax import nnx
 from ktae_jax.models import attention as attn_lib
 from ktae_jax.models.config import ModelConfig, ModelOptions
 from ktae_jax.models.families import ACTIVATIONS
+from ktae_jax.models.kv_cache import Constrain, KVCache, layer_view, unconstrained, write_new
 
 Array = jax.Array
-Constrain = Callable[[Array], Array]  # pins an activation whose first axis is (batch-major) rows to the batch sharding
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-
-
-def _unconstrained(x: Array) -> Array:
-    return x
-
-
-def _write_new(cache: Array, new: Array, first_slot, layer: Array | None = None) -> Array:
-    """`new` keys/values [B, KV, T, D] written into `cache` ([B, KV, S, D], or [L, B, KV, S, D] at
-    `layer`) from slot `first_slot`: one slot for all rows, or one per row ([B], with T = 1)."""
-    lead = () if layer is None else (layer,)
-    new = new.astype(cache.dtype)
-    if cache.ndim == 6:  # the decode engine's grouped buffer [L, Gr, Wg, KV, S, D], `new` [L, B, KV, 1, D]
-        # for every layer: row r is slot r % wg of group r // wg; dead slots run past S (dropped)
-        groups, b = cache.shape[1], new.shape[1]
-        rows = jnp.arange(b // groups)
-        new = new[:, :, :, 0].transpose(1, 0, 2, 3)  # [B, L, KV, D]
-        if groups == 1:  # one device: a plain scatter (the vmap below made XLA:CPU copy the buffer to another layout)
-            return cache.at[:, 0, rows, :, first_slot].set(new, mode="drop")
-        write = lambda c, n, s: c.at[:, rows, :, s].set(n, mode="drop")  # noqa: E731
-        return jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(
-            cache, new.reshape(groups, b // groups, *new.shape[1:]), jnp.reshape(first_slot, (groups, b // groups)))
-    if jnp.ndim(first_slot) == 1:
-        return cache.at[(*lead, jnp.arange(new.shape[0]), slice(None), first_slot)].set(new[:, :, 0])
-    return jax.lax.dynamic_update_slice(cache, new[None] if lead else new, (*lead, 0, 0, first_slot, 0))
-
-
-class KVCache(NamedTuple):
-    """Keys/values of earlier tokens. `index` is the next slot to write: one scalar for all rows, or
-    an int32 [B] per row (the decode engine's slots, which serve rows of different lengths; then one
-    new token per call). The engine's k/v are one grouped buffer [L, Gr, Wg, KV, S', D] for a whole
-    call: a call then reads the view of the first B / Gr slots of each group and the first S
-    (key_mask's length) cache slots, and writes in place (`_layer_view`, `_write_new`)."""
-
-    k: Array  # [L, B, KV, S, D]
-    v: Array  # [L, B, KV, S, D]
-    key_mask: Array  # [B, S] bool: the slot holds a real (non-pad) token
-    index: Array  # int32 scalar (a NumPy one while known at trace time), or [B]
-
-    def repeat_rows(self, k: int, constrain: Constrain = _unconstrained) -> "KVCache":
-        """Each row k times, as rows i*k .. i*k+k-1: one prompt's prefill shared by k continuations."""
-        rep = lambda x: constrain(jnp.repeat(x, k, axis=0))  # noqa: E731
-        per_layer = lambda x: jax.vmap(rep)(x)  # noqa: E731  (rows are axis 1 of [L, B, ...])
-        return KVCache(per_layer(self.k), per_layer(self.v), rep(self.key_mask), self.index)
-
-
-def _layer_view(cache: Array, layer: Array, rows: int, slots: int) -> Array:
-    """Layer `layer` of a stacked cache as [B, KV, S, D] (a grouped buffer: its view, read as one slice)."""
-    if cache.ndim == 5:
-        return jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
-    _, groups, _, kv, _, d = cache.shape
-    view = jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)[:, :rows // groups, :, :slots]
-    return view.reshape(rows, kv, slots, d)
-
-
-def init_cache(config: ModelConfig, batch: int, length: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
-    """An empty cache of `length` slots for `batch` rows."""
-    shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
-    zeros = jnp.zeros(shape, dtype)
-    # The index is a NumPy scalar: it stays known at trace time through the prefill, which the
-    # pallas kernel needs (its causal mask is static).
-    return KVCache(zeros, zeros, jnp.zeros((batch, length), bool), np.zeros((), np.int32))
 
 
 def _adapted(module: nnx.Module, name: str, x: Array, y: Array, constrain: Constrain) -> Array:
@@ -167,7 +105,7 @@ class Attention(nnx.Module):
 
     def __call__(
         self, x_BxTxE: Array, cos: Array, sin: Array, mask: attn_lib.Mask,
-        cache_kv: tuple[Array, Array] | None, options: ModelOptions, constrain: Constrain = _unconstrained,
+        cache_kv: tuple[Array, Array] | None, options: ModelOptions, constrain: Constrain = unconstrained,
     ) -> tuple[Array, tuple[Array, Array]]:
         """(output [B, T, E], this call's new keys/values [B, KV, T, D]); `cache_kv` is this layer's cache."""
         b, t, e = x_BxTxE.shape
@@ -191,8 +129,8 @@ class Attention(nnx.Module):
         keys, values = k, v
         if cache_kv is not None:
             # The new keys written at `first_slot`; attend over every slot of the cache.
-            keys = _write_new(cache_kv[0], k, mask.first_slot)
-            values = _write_new(cache_kv[1], v, mask.first_slot)
+            keys = write_new(cache_kv[0], k, mask.first_slot)
+            values = write_new(cache_kv[1], v, mask.first_slot)
         if cache_kv is not None and t == 1:
             out = attn_lib.decode_attention(q, keys, values, mask, self.scale, self.softcap)
         else:
@@ -219,7 +157,7 @@ class MLP(nnx.Module):
         self.up_bias = par((f,), ("mlp",), "zeros") if on else None
         self.down_bias = par((e,), ("embed",), "zeros") if on else None
 
-    def __call__(self, x_BxTxE: Array, constrain: Constrain = _unconstrained) -> Array:
+    def __call__(self, x_BxTxE: Array, constrain: Constrain = unconstrained) -> Array:
         dt = self.dtype
         # Matmuls on [B*T, E]: XLA on CPU runs the weight gradient of a 3-D `x @ W` (two
         # contracting dimensions) about 3x slower than the same product on a 2-D operand.
@@ -250,7 +188,7 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, param_dtype=param_dtype, dtype=dtype, rngs=rngs, layers=layers)
         self.mlp_out_norm = _norm(cfg, e, param_dtype, layers) if sandwich else None
 
-    def __call__(self, x, cos, sin, mask, cache_kv, options, constrain: Constrain = _unconstrained):
+    def __call__(self, x, cos, sin, mask, cache_kv, options, constrain: Constrain = unconstrained):
         y, kv = self.attn(self.input_norm(x), cos, sin, mask, cache_kv, options, constrain)
         x = x + (y if self.attn_out_norm is None else self.attn_out_norm(y))
         y = self.mlp(self.post_attn_norm(x), constrain)
@@ -288,9 +226,9 @@ def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.
         layer_params, i, extra = xs
         if ck is None:
             return (one_layer(x, layer_params, extra, None)[0], None, None), None
-        take = lambda c: _layer_view(c, i, x.shape[0], mask.key_mask.shape[1])  # noqa: E731
+        take = lambda c: layer_view(c, i, x.shape[0], mask.key_mask.shape[1])  # noqa: E731
         x, (k, v) = one_layer(x, layer_params, extra, (take(ck), take(cv)))
-        put = lambda c, new: _write_new(c, new, mask.first_slot, i)  # noqa: E731
+        put = lambda c, new: write_new(c, new, mask.first_slot, i)  # noqa: E731
         return (x, put(ck, k), put(cv, v)), None
 
     carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
@@ -312,7 +250,7 @@ def _run_layers_grouped(one_layer, params, num_layers: int, per_layer, x: Array,
     the read of a layer's view and the in-place write could not be ordered.)"""
     def body(x, xs):
         layer_params, i, extra = xs
-        take = lambda c: _layer_view(c, i, x.shape[0], mask.key_mask.shape[1])  # noqa: E731
+        take = lambda c: layer_view(c, i, x.shape[0], mask.key_mask.shape[1])  # noqa: E731
         x, (k, v) = one_layer(x, layer_params, extra, (take(cache.k), take(cache.v)))
         return x, (k, v)
 
@@ -325,7 +263,7 @@ def _run_layers_grouped(one_layer, params, num_layers: int, per_layer, x: Array,
             x, kv = body(x, jax.tree.map(lambda a: a[i], xs))
             outs.append(kv)
         k, v = (jnp.stack(z) for z in zip(*outs))
-    return x, cache._replace(k=_write_new(cache.k, k, mask.first_slot), v=_write_new(cache.v, v, mask.first_slot))
+    return x, cache._replace(k=write_new(cache.k, k, mask.first_slot), v=write_new(cache.v, v, mask.first_slot))
 
 
 class Transformer(nnx.Module):
@@ -346,7 +284,7 @@ class Transformer(nnx.Module):
     # ------------------------------------------------------------------ forward
     def hidden(
         self, input_ids_BxT: Array, attention_mask_BxT: Array | None = None, *,
-        positions_BxT: Array | None = None, cache: KVCache | None = None, constrain: Constrain = _unconstrained,
+        positions_BxT: Array | None = None, cache: KVCache | None = None, constrain: Constrain = unconstrained,
     ) -> tuple[Array, KVCache | None]:
         """Final-normed hidden states [B, T, E] and the updated cache (None without one).
 
@@ -390,7 +328,7 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden_BxTxE: Array) -> Array:
         w = self.output_embedding().astype(self.dtype)
-        return _softcap(jnp.einsum("bte,ve->btv", hidden_BxTxE, w, preferred_element_type=jnp.float32),
+        return softcap_logits(jnp.einsum("bte,ve->btv", hidden_BxTxE, w, preferred_element_type=jnp.float32),
                         self.config.final_logit_softcapping)
 
     def __call__(
@@ -409,94 +347,6 @@ def init_random(config: ModelConfig, *, seed: int = 0, dtype=jnp.float32, comput
     return Transformer(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(params=seed), options=options)
 
 
-def _softcap(logits: Array, cap: float | None) -> Array:
+def softcap_logits(logits: Array, cap: float | None) -> Array:
     """Gemma's final soft-capping, c * tanh(logits / c) (before any temperature)."""
     return logits if cap is None else cap * jnp.tanh(logits / cap)
-
-
-def _chunk_logprobs(h_BxCxE: Array, w_VxE: Array, targets_BxC: Array, temperature: float,
-                    constrain: Constrain, softcap: float | None = None) -> tuple[Array, Array]:
-    b, c, e = h_BxCxE.shape  # 2-D matmul: a faster weight gradient on CPU (see MLP)
-    logits = constrain(jnp.einsum("ne,ve->nv", constrain(h_BxCxE.reshape(b * c, e)), w_VxE,
-                                  preferred_element_type=jnp.float32))
-    logits = _softcap(logits.reshape(b, c, -1), softcap) / temperature
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets_BxC[..., None], axis=-1)[..., 0]
-    entropy = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
-    return picked - lse, entropy
-
-
-def _head_logprobs(model: Transformer, h_prev_BxTxE: Array, targets_BxT: Array, temperature: float,
-                   chunk: int, constrain: Constrain = _unconstrained) -> tuple[Array, Array]:
-    """(logp, entropy) [B, T] of `targets` under the logits of the hidden states that precede them.
-
-    Logits are made `chunk` positions at a time under `jax.checkpoint`, so a float32 [B, T, V]
-    array never exists at once, forward or backward.
-    """
-    b, n = targets_BxT.shape
-    chunk = max(1, min(chunk, n))
-    pad = (-n) % chunk
-    h_prev = jnp.pad(h_prev_BxTxE, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-    num_chunks = (n + pad) // chunk
-    h_chunks = h_prev.reshape(b, num_chunks, chunk, -1).swapaxes(0, 1)
-    t_chunks = targets.reshape(b, num_chunks, chunk).swapaxes(0, 1)
-    w = model.output_embedding().astype(model.dtype)
-    cap = model.config.final_logit_softcapping
-    fn = jax.checkpoint(lambda args: _chunk_logprobs(args[0], w, args[1], temperature, constrain, cap))
-    logp, ent = jax.lax.map(fn, (h_chunks, t_chunks))
-    return logp.swapaxes(0, 1).reshape(b, -1)[:, :n], ent.swapaxes(0, 1).reshape(b, -1)[:, :n]
-
-
-def token_logprobs(
-    model: Transformer, tokens_BxT: Array, attention_mask_BxT: Array, *,
-    temperature: float = 1.0, chunk: int = 256,
-) -> tuple[Array, Array]:
-    """(logp_BxT, entropy_BxT): log p(tokens[t] | tokens[<t]) and the entropy of that distribution.
-
-    Position 0, padded positions and each row's first real token (no context) get 0.
-    """
-    b, _ = tokens_BxT.shape
-    h, _ = model.hidden(tokens_BxT, attention_mask_BxT)
-    logp, ent = _head_logprobs(model, h[:, :-1], tokens_BxT[:, 1:], temperature, chunk)
-    real = attention_mask_BxT.astype(bool)
-    keep = real[:, 1:] & real[:, :-1]  # a real target predicted from a real token
-    zero = jnp.zeros((b, 1), jnp.float32)
-    return (
-        jnp.concatenate([zero, jnp.where(keep, logp, 0.0)], axis=1),
-        jnp.concatenate([zero, jnp.where(keep, ent, 0.0)], axis=1),
-    )
-
-
-def response_logprobs(
-    model: Transformer, prompt_ids_PxTp: Array, prompt_mask_PxTp: Array, response_ids_NxR: Array,
-    response_mask_NxR: Array, *, temperature: float = 1.0, chunk: int = 256, constrain: Constrain = _unconstrained,
-) -> tuple[Array, Array]:
-    """(logp_NxR, entropy_NxR) of N = P x k responses, k consecutive rows per (left-padded) prompt.
-
-    Each prompt is run once and its keys/values are shared by its k responses, as in sampling: the
-    same numbers as `token_logprobs` on the concatenated rows (up to rounding) for about
-    P*Tp + N*R tokens of work instead of N*(Tp + R), and logits only at response positions.
-    Gradients reach the prompt's computation through the shared keys/values. Response tokens that
-    are padding (or follow padding) get 0.
-
-    `constrain` (on a mesh: `functools.partial(mesh.constrain_batch, mesh=...)`) keeps every
-    activation split by rows, so that with FSDP-sharded weights XLA gathers the weights, as FSDP
-    means to, instead of splitting the activations along the embedding and moving them.
-    """
-    p, tp = prompt_ids_PxTp.shape
-    n, r = response_ids_NxR.shape
-    if n % p:
-        raise ValueError(f"{n} responses cannot be split evenly over {p} prompts")
-    k = n // p
-    cache = init_cache(model.config, p, tp + r, model.dtype)
-    h_prompt, cache = model.hidden(prompt_ids_PxTp, prompt_mask_PxTp, cache=cache, constrain=constrain)
-    rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
-    h_resp, _ = model.hidden(response_ids_NxR, response_mask_NxR, cache=cache.repeat_rows(k), constrain=constrain)
-    # Token j is predicted from position j - 1: the prompt's last (left padding: always real) for j = 0.
-    h_prev = jnp.concatenate([rep(h_prompt[:, -1:]), h_resp[:, :-1]], axis=1)
-    logp, ent = _head_logprobs(model, h_prev, response_ids_NxR, temperature, chunk, constrain)
-    real = response_mask_NxR.astype(bool)
-    prev_real = jnp.concatenate([rep(prompt_mask_PxTp[:, -1:]).astype(bool), real[:, :-1]], axis=1)
-    keep = real & prev_real
-    return jnp.where(keep, logp, 0.0), jnp.where(keep, ent, 0.0)
