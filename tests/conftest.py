@@ -7,12 +7,8 @@ import shutil
 import tempfile
 
 # Must happen before jax is imported anywhere: tests run sharded code on 8 simulated devices.
-# XLA's cheaper code generation (no backend optimisation passes): the tests' tiny programs run
-# for milliseconds but compile for seconds, so compiling is most of the suite's time. The
-# programs' HLO, shardings and memory plans are unchanged; tests compare with tolerances.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
