@@ -55,16 +55,3 @@ def no_compilation_cache():
     finally:
         jax.config.update("jax_enable_compilation_cache", True)
         compilation_cache.reset_cache()
-
-
-# The heaviest files first (measured CPU time, heaviest first): `make test`'s workers take whole files
-# in collection order (`--dist loadfile`), so a long file picked up last would leave one worker
-# running alone at the end. Within a file the order is unchanged.
-_HEAVY_FIRST = ["test_ktae.py", "test_rundir.py", "test_models.py", "test_sample.py", "test_train.py", "test_demo.py",
-                "test_lora.py", "test_multihost.py", "test_evaluate.py", "test_gemma.py", "test_attention.py",
-                "test_step.py", "test_rewards_agreement.py", "test_aot.py", "test_launch.py"]
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay contiguous
