@@ -179,14 +179,14 @@ def main(argv=None) -> int:
     parser.add_argument("--second-only", action="store_true", help="only the SFT control and KTAE (beta=2)")
     parser.add_argument("--sft-cpu-s", type=float, default=17.0, help="SFT budget with --second-only (CPU s)")
     parser.add_argument("--tasks", default="late,steps")
-    parser.add_argument("--out", default=str(REPO / "runs" / "study"))
-    parser.add_argument("--plots", default=str(REPO / "docs" / "study"), help="folder for the PNGs")
+    parser.add_argument("--out", default="runs/study", help="results folder (relative: to the repository)")
+    parser.add_argument("--plots", default="docs/study", help="folder for the PNGs (relative: to the repository)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 4 steps, 100 held-out")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.eval_every, args.held_out = 2, 4, 2, 100
         args.plots = str(pathlib.Path(args.out) / "plots")
-    out = pathlib.Path(args.out)
+    out = REPO / args.out  # an absolute --out stays as given
     out.mkdir(parents=True, exist_ok=True)
     results = {"settings": vars(args), "tasks": {}}
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     save()
     from tiny_study_report import report
 
-    print(report([results], pathlib.Path(args.plots)))
+    print(report([results], REPO / args.plots))
     return 0
 
 
