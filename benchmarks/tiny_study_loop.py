@@ -93,11 +93,16 @@ class Rig:
         return out, texts
 
     def evaluate(self, params, key, *, greedy: bool = False) -> dict:
-        """Held-out accuracy, mean length (tokens incl. EOS) and mean shortcuts per response."""
+        """Held-out accuracy, mean length (tokens incl. EOS), mean shortcuts per response, the share
+        of responses with any shortcut and the accuracy of those without one (the reliable style's:
+        what RL can reach by dropping shortcuts; NaN when every response takes one)."""
         out, texts = self.generate(params, self.held_ids, key, self.sampling(greedy=greedy))
-        correct = [grade(t, p["answer"]) for t, p in zip(texts, self.held)]
-        return {"accuracy": float(np.mean(correct)), "mean_length": float(np.mean(out.lengths)),
-                "shortcuts": float(np.mean([shortcuts_taken(self.task, t) for t in texts]))}
+        correct = np.asarray([grade(t, p["answer"]) for t, p in zip(texts, self.held)], float)
+        short = np.asarray([shortcuts_taken(self.task, t) for t in texts], float)
+        clean = correct[short == 0]
+        return {"accuracy": float(correct.mean()), "mean_length": float(np.mean(out.lengths)),
+                "shortcuts": float(short.mean()), "any_shortcut": float(np.mean(short > 0)),
+                "accuracy_no_shortcut": float(clean.mean()) if clean.size else float("nan")}
 
 
 @dataclasses.dataclass

@@ -4,6 +4,8 @@
 
 Paired differences (arm minus GRPO, the same seed) with a 95% confidence interval from the
 paired t distribution; learning-curve area = trapezoid area / steps (mean accuracy over training).
+Writes `<plots>/<task>.png` and `<plots>/summary.json` (per arm: n, seeds, mean measures; the
+paired differences; the summed CPU time).
 """
 
 from __future__ import annotations
@@ -127,16 +129,23 @@ def report(results: list[dict], plots: pathlib.Path) -> str:
             for arm, runs in task["runs"].items():  # a seed run twice (two processes): the first file's counts
                 have = {r["seed"] for r in merged["runs"].setdefault(arm, [])}
                 merged["runs"][arm].extend(r for r in runs if r["seed"] not in have)
+    summary: dict = {"tasks": {}}
     for name, task in tasks.items():
         task["base"].setdefault("greedy", {"accuracy": math.nan, "mean_length": math.nan})
         text, diffs = task_tables(name, task)
-        task["paired"] = diffs
         plot(name, task, plots / f"{name}.png")
         parts.append(text)
+        summary["tasks"][name] = {"base": task["base"], "paired": diffs, "arms": {
+            arm: {"n": len(rs), "seeds": sorted(r["seed"] for r in rs),
+                  **{k: statistics.fmean(m[k] for m in map(measures, rs)) for k in measures(rs[0])}}
+            for arm, rs in task["runs"].items() if rs}}
     cpu = sum(r.get("cpu_s", math.nan) for r in results)
     wall = max(r.get("wall_s", math.nan) for r in results)
+    summary.update(cpu_s=cpu, machine_minutes=cpu / 2 / 60, longest_process_wall_s=wall)
+    plots.mkdir(parents=True, exist_ok=True)
+    (plots / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     parts.append(f"\nstudy: {cpu:.0f} CPU s (user + sys, all processes) = {cpu / 2 / 60:.1f} min of the 2-core "
-                 f"machine; wall {wall / 60:.1f} min (longest process); plots in {plots}")
+                 f"machine; wall {wall / 60:.1f} min (longest process); plots and summary.json in {plots}")
     return "\n\n".join(parts)
 
 
