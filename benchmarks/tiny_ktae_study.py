@@ -115,6 +115,12 @@ task, the arms, the measurements or the decision rule changes:
     recorded GRPO CPU time) in one process with `--resume docs/study/late_*.json`, which skips the
     runs those files already hold. The CPU of the bases' builds is not part of the study's budget
     (they are shipped artefacts, built once); it is recorded in bases/BUILD.md.
+  Outcome, 21:50 UTC: the 800-step base FAILED the acceptance test (T=1 4.8%, greedy 6.5%;
+  shortcut-free responses only 6% right: it mis-copies the third and fourth terms, e.g.
+  "98+45=143, 143+87=221" for 98+45+85+39; final loss 0.27, flat as the 1e-3 cosine decayed).
+  Second and last attempt, by the same rule and again before any RL run: 1,000 steps at the
+  shipped base's own peak learning rate 3e-3 (warm-up 20, cosine to 10%), the only other change.
+  (Found in passing: a second build of `late` gave its shipped bytes, 6d65c64f...)
 
     .venv/bin/python benchmarks/tiny_ktae_study.py [--seeds 10] [--steps N] [--quick]
 """
