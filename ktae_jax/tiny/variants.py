@@ -144,7 +144,7 @@ BASES = pathlib.Path(__file__).resolve().parent / "bases"  # bases/<variant>/: o
 # variant's teacher data (a from-scratch build, 1,500 steps, did not fit the loaded machine).
 BASE_RECIPES: dict[str, dict] = {
     "late": {"init_from": "tiny", "steps": 200, "learning_rate": 1e-3, "warmup_steps": 20},
-    "steps": {"init_from": "tiny", "steps": 1000, "learning_rate": 3e-3, "warmup_steps": 20},
+    "steps": {"init_from": "tiny", "steps": 200, "learning_rate": 1e-3, "warmup_steps": 20},
 }
 
 
