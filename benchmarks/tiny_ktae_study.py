@@ -122,13 +122,16 @@ task, the arms, the measurements or the decision rule changes:
   shipped base's own peak learning rate 3e-3 (warm-up 20, cosine to 10%), the only other change.
   (Found in passing: a second build of `late` gave its shipped bytes, 6d65c64f...)
   Outcome, 22:12 UTC: the 1,000-step base FAILED as well (T=1 3.9%, greedy 4.9%; shortcut-free
-  responses 7% right at T=1; final loss 0.25). By the rule above there is no third attempt: the
+  responses 7% right at T=1; final loss 0.25). As fixed at 21:50, no third attempt: the
   `steps` task is NOT MEASURED, no `steps` RL run was made, and the 200-step recipe and its
-  shipped bytes stay (BUILD.md records both failed recipes and their figures). What remains of
-  the study is `late`, completed to 10 seeds in every arm by one `--resume` process; `--tasks`
-  now defaults to `late` (`--tasks late,steps` still runs both).
+  shipped bytes stay (a second build of it gave them again, 75563048...; BUILD.md records both
+  failed recipes and their figures). What remains of the study is `late`, completed to 10 seeds
+  in every arm by one `--resume` process; `--tasks` now defaults to `late` (`--tasks late,steps`
+  still runs both).
 
-    .venv/bin/python benchmarks/tiny_ktae_study.py [--seeds 10] [--steps N] [--quick]
+    .venv/bin/python benchmarks/tiny_ktae_study.py [--tasks late,steps] [--seeds 10] [--steps N] [--quick]
+    .venv/bin/python benchmarks/tiny_ktae_study.py --tasks steps --base-only     # a base's held-out figures
+    .venv/bin/python benchmarks/tiny_study_report.py docs/study/late_*.json      # the tables and plots
 """
 
 from __future__ import annotations
