@@ -238,7 +238,8 @@ class TrainConfig:
         return self.algo.logprob_micro_batch_per_device * batch_devices or self.micro_batch_rollouts(batch_devices)
 
     def sample_chunk_prompts(self, batch_devices: int) -> int:
-        """Prompts per sampler call, over all batch devices."""
+        """Prompts whose rows fill the decode slots at once, over all batch devices (the step's
+        prompts still go through one sampler call: a slot takes the next row as a row stops)."""
         return self.rollout.sample_prompts_per_device * batch_devices or self.rollout.prompts_per_step
 
     def validate(self, num_batch_devices: int | None = None) -> "TrainConfig":
@@ -280,9 +281,6 @@ class TrainConfig:
         if mini_rows % self.logprob_micro_batch_rollouts(devices):
             raise ConfigError(f"algo.logprob_micro_batch_per_device={a.logprob_micro_batch_per_device}: {devices} devices x "
                               f"{a.logprob_micro_batch_per_device} does not divide the mini-batch's {mini_rows} rollouts")
-        if r.prompts_per_step % self.sample_chunk_prompts(devices):
-            raise ConfigError(f"rollout.sample_prompts_per_device={r.sample_prompts_per_device}: {devices} devices x "
-                              f"{r.sample_prompts_per_device} does not divide rollout.prompts_per_step={r.prompts_per_step}")
         return self
 
     # ------------------------------------------------------------------ runtime configs of the stages
