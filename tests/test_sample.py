@@ -195,6 +195,14 @@ def test_rollout_copy_samples_what_the_policy_samples(qwen_dir):
     graphdef, params = nnx.split(model)
     copy = decode_params(params, None, jax.numpy.bfloat16)
     assert {x.dtype for x in jax.tree.leaves(copy)} == {jax.numpy.dtype("bfloat16")}
+    compiles = []  # the copy is made again after every update: it must not compile again each time
+    listener = lambda event, secs, **kw: compiles.append(event) if "backend_compile" in event else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        decode_params(params, None, jax.numpy.bfloat16)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
     run = lambda state: jax.device_get(sample_jit(graphdef, state, ids, mask, jax.random.key(2), config=cfg))  # noqa: E731
     want, got = run(params), run(copy)
     for field in ("tokens", "mask", "logp", "policy_logp"):
