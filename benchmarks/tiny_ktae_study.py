@@ -129,8 +129,32 @@ task, the arms, the measurements or the decision rule changes:
   in every arm by one `--resume` process; `--tasks` now defaults to `late` (`--tasks late,steps`
   still runs both).
 
-    .venv/bin/python benchmarks/tiny_ktae_study.py [--tasks late,steps] [--seeds 10] [--steps N] [--quick]
-    .venv/bin/python benchmarks/tiny_ktae_study.py --tasks steps --base-only     # a base's held-out figures
+AMENDMENT, 1 December 2026, 22:30 UTC: a replacement second task, `steps3`, registered before
+its base was measured (its build had just started) and before any RL run on it:
+  * task: the `steps` design on THREE 2-digit terms (`variants.py`): two running sums, at each
+    the addition written out ("47+85=132", always right) or a jump with "~" (wrong half the time:
+    the true total rounded to ten, as the shipped wrong guess; errors carry), e.g.
+    "47+85=132, ~200. \\boxed{200}". Two decisions, the first at the first response token, the
+    second in the middle of the response after the first running sum. Teacher accuracy
+    (3/4)^2 ~ 56%. Why three terms: the shipped base already adds three terms (its "Sum:" style is
+    ~61% right at T=1), while no `steps` base learnt to copy a 3rd and 4th term;
+  * it REPLACES `steps` as the study's second task (`steps` stays in the code, documented as
+    failed; none of its RL runs exists);
+  * base: `BASE_RECIPES["steps3"]`, the same recipe as `late` (from the shipped base, 200 steps
+    of 64, lr 1e-3, warm-up 20, cosine to 10%, seed 0);
+  * acceptance test, the one already used: held-out accuracy at T=1 (1,000 test problems,
+    `--base-only`) between 15% and 70%. If it fails, the task is recorded as not measured (no
+    further attempt, no tuning);
+  * hypotheses H1-H5 as written above for `steps`, now for `steps3`: H1 our prior is KTAE ahead
+    (two choices per response, one reward), H2 KTAE's AUC higher, H3 both methods lengthen
+    responses and KTAE is not shorter unless it loses accuracy, H4 both RL arms beat SFT, H5
+    beta=2 like released; the decision rule is unchanged;
+  * runs: seeds 0-9, 12 steps, evaluations at 0, 6, 12, the arms in the design's order (GRPO and
+    KTAE (released) for every seed first, then SFT and KTAE (beta=2)), in several processes side
+    by side with `--resume`; what does not finish by the day's deadline is reported with its n.
+
+    .venv/bin/python benchmarks/tiny_ktae_study.py [--tasks late,steps3] [--seeds 10] [--steps N] [--quick]
+    .venv/bin/python benchmarks/tiny_ktae_study.py --tasks steps3 --base-only     # a base's held-out figures
     .venv/bin/python benchmarks/tiny_study_report.py docs/study/late_*.json      # the tables and plots
 """
 
@@ -242,7 +266,7 @@ def main(argv=None) -> int:
     parser.add_argument("--held-out", type=int, default=1000)
     parser.add_argument("--second-only", action="store_true", help="only the SFT control and KTAE (beta=2)")
     parser.add_argument("--sft-cpu-s", type=float, default=17.0, help="SFT budget with --second-only (CPU s)")
-    parser.add_argument("--tasks", default="late", help="comma-separated; `steps` has no usable base (see above)")
+    parser.add_argument("--tasks", default="late", help="comma-separated: late, steps3 (`steps` has no usable base, see above)")
     parser.add_argument("--resume", nargs="*", default=[], metavar="STUDY_JSON",
                         help="earlier study.json files: skip the (task, arm, seed) runs they hold")
     parser.add_argument("--base-only", action="store_true", help="only measure the bases (T=1 and greedy)")

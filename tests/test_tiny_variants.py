@@ -32,6 +32,15 @@ def test_steps_solutions_by_hand():
     assert not grade(wrong, "234") and grade("~132, ~201, ~234. \\boxed{234}", "234")
 
 
+def test_steps3_solutions_by_hand():
+    # steps3: the same design on three terms (running sums 132, 201), two choices.
+    terms = [47, 85, 69]
+    assert steps_solution(terms, [False] * 2, [False] * 2) == "47+85=132, 132+69=201. \\boxed{201}"
+    assert steps_solution(terms, [False, True], [False, True]) == "47+85=132, ~200. \\boxed{200}"
+    # A wrong first jump (132 -> 130) carries on: 130+69 = 199.
+    assert steps_solution(terms, [True, False], [True, False]) == "~130, 130+69=199. \\boxed{199}"
+
+
 @pytest.mark.parametrize("response, answer, expected", [
     ("Sum: 1+2=3. \\boxed{3}", "3", True),
     ("\\boxed{ 201 }", "201", True),
@@ -49,10 +58,11 @@ def test_shortcuts_counted():
     assert shortcuts_taken(VariantConfig("late"), "Sum: 47+85=132, Guess: \\boxed{200}") == 1
     assert shortcuts_taken(VariantConfig("late"), "Sum: 47+85=132, 132+69=201. \\boxed{201}") == 0
     assert shortcuts_taken(VariantConfig("steps"), "47+85=132, ~200, ~233. \\boxed{233}") == 2
+    assert shortcuts_taken(VariantConfig("steps3"), "~130, 130+69=199. \\boxed{199}") == 1
 
 
 def test_problems_split_and_shape():
-    for name, terms in (("late", 3), ("steps", 4)):
+    for name, terms in (("late", 3), ("steps", 4), ("steps3", 3)):
         config = VariantConfig(name)
         test = make_problems(config, 200, seed=1, split="test")
         train = make_problems(config, 200, seed=1, split="train")
@@ -65,8 +75,9 @@ def test_problems_split_and_shape():
 
 def test_teacher_error_rates():
     # late: wrong only after a shortcut (1/2) that is wrong (1/2): accuracy 3/4.
-    # steps: each of 3 steps wrong with 1/4 -> (3/4)^3 = 0.42 (two wrong jumps can also cancel, rarely).
-    for name, expected in (("late", 0.75), ("steps", 0.75**3)):
+    # steps: each of 3 steps wrong with 1/4 -> (3/4)^3 = 0.42 (two wrong jumps can also cancel, rarely);
+    # steps3: 2 steps -> (3/4)^2 = 0.56.
+    for name, expected in (("late", 0.75), ("steps", 0.75**3), ("steps3", 0.75**2)):
         ex = make_sft_examples(VariantConfig(name), 4000, seed=0)
         accuracy = sum(e["teacher_correct"] for e in ex) / len(ex)
         assert abs(accuracy - expected) < 0.03, (name, accuracy)
@@ -81,11 +92,12 @@ def test_decision_is_not_the_first_token_and_fits_the_budget():
     first_diff = next(i for i, (a, b) in enumerate(zip(reliable, shortcut)) if a != b)
     assert first_diff >= 6 and tok.convert_ids_to_tokens(shortcut[first_diff]) == "Guess:"
     assert len(ids("~")) == 1
-    for name in ("late", "steps"):
+    for name in ("late", "steps", "steps3"):
         config = VariantConfig(name)
         longest = max(len(ids(e["solution"] + tok.eos_token)) for e in make_sft_examples(config, 500, seed=0))
-        worst = [99] * config.num_terms
-        full = late_solution(worst, False, False) if name == "late" else steps_solution(worst, [False] * 3, [False] * 3)
+        worst, choices = [99] * config.num_terms, config.num_terms - 1
+        full = late_solution(worst, False, False) if name == "late" else steps_solution(worst, [False] * choices,
+                                                                                          [False] * choices)
         assert longest <= len(ids(full + tok.eos_token)) <= config.max_new_tokens
 
 

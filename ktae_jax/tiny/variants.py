@@ -17,6 +17,10 @@ punctuation are single tokens, "Sum:", "Guess:" and "\\boxed{" whole tokens), so
            "47+85=132, ~200, 200+33=233. \\boxed{233}"   (second step a shortcut, here wrong)
          The verbose style is longer, so this variant also tests the claim that KTAE gives
          shorter responses (it can only do so here by keeping shortcuts, which cost accuracy).
+         (Its base could not add four terms, see `bases/BUILD.md`: replaced in the study by steps3.)
+  steps3 the `steps` design on three 2-digit terms: two running sums, two choices (the first at
+         the first response token, the second in the middle, after the first sum):
+           "47+85=132, ~200. \\boxed{200}"   (second step a shortcut, here wrong)
 
 The teacher picks each choice with probability 1/2. Problems are split into train / test by the
 same text hash as the shipped task (`task.split_of`), so held-out problems never appear in
@@ -35,8 +39,8 @@ import numpy as np
 
 from ktae_jax.tiny.task import BOX_OPEN, SHORTCUT_OPENER, RELIABLE_OPENER, problem_text, split_of, wrong_guess
 
-Variant = Literal["late", "steps"]
-VARIANTS: tuple[str, ...] = ("late", "steps")
+Variant = Literal["late", "steps", "steps3"]
+VARIANTS: tuple[str, ...] = ("late", "steps", "steps3")
 SHORTCUT_STEP = "~"  # the "steps" variant's terse jump to a new running total
 
 
@@ -44,7 +48,7 @@ SHORTCUT_STEP = "~"  # the "steps" variant's terse jump to a new running total
 class VariantConfig:
     """One variant and its teacher: how often it takes the shortcut and how often that is wrong."""
 
-    name: str = "late"  # "late" or "steps"
+    name: str = "late"  # one of VARIANTS
     shortcut_rate: float = 0.5  # P(the teacher takes the shortcut at a choice)
     shortcut_error_rate: float = 0.5  # P(a shortcut the teacher takes is wrong)
 
@@ -57,12 +61,12 @@ class VariantConfig:
 
     @property
     def num_terms(self) -> int:
-        return 3 if self.name == "late" else 4
+        return 4 if self.name == "steps" else 3
 
     @property
     def max_new_tokens(self) -> int:
         """Longest teacher response in tokens, EOS included, plus slack (see `tests`)."""
-        return 36 if self.name == "late" else 48
+        return 48 if self.name == "steps" else 36
 
 
 # ---------------------------------------------------------------------- problems
@@ -107,7 +111,7 @@ def make_sft_examples(config: VariantConfig, n: int, *, seed: int, split: str = 
     rng = np.random.default_rng(seed)
     examples = []
     for p in make_problems(config, n, seed=int(rng.integers(2**63)), split=split):
-        choices = config.num_terms - 2 if config.name == "late" else config.num_terms - 1
+        choices = 1 if config.name == "late" else config.num_terms - 1
         shortcuts = [bool(rng.random() < config.shortcut_rate) for _ in range(choices)]
         wrongs = [bool(s and rng.random() < config.shortcut_error_rate) for s in shortcuts]
         if config.name == "late":
@@ -131,7 +135,7 @@ def grade(response: str, answer: str) -> bool:
 
 
 def shortcuts_taken(config: VariantConfig, response: str) -> int:
-    """How many shortcuts a response took ("Guess:" for late, "~" jumps for steps)."""
+    """How many shortcuts a response took ("Guess:" for late, "~" jumps for steps and steps3)."""
     return response.count(SHORTCUT_OPENER) if config.name == "late" else response.count(SHORTCUT_STEP)
 
 
@@ -145,6 +149,7 @@ BASES = pathlib.Path(__file__).resolve().parent / "bases"  # bases/<variant>/: o
 BASE_RECIPES: dict[str, dict] = {
     "late": {"init_from": "tiny", "steps": 200, "learning_rate": 1e-3, "warmup_steps": 20},
     "steps": {"init_from": "tiny", "steps": 200, "learning_rate": 1e-3, "warmup_steps": 20},
+    "steps3": {"init_from": "tiny", "steps": 200, "learning_rate": 1e-3, "warmup_steps": 20},
 }
 
 
