@@ -152,6 +152,12 @@ its base was measured (its build had just started) and before any RL run on it:
   * runs: seeds 0-9, 12 steps, evaluations at 0, 6, 12, the arms in the design's order (GRPO and
     KTAE (released) for every seed first, then SFT and KTAE (beta=2)), in several processes side
     by side with `--resume`; what does not finish by the day's deadline is reported with its n.
+  Outcome, 22:39 UTC: the `steps3` base (built twice, same bytes de7e83b9...; final loss 0.210)
+  FAILED the acceptance test: held-out accuracy at T=1 13.3% (greedy 29.3%; 72% of T=1 responses
+  take a shortcut, 0.96 per response, the teacher 1.0; shortcut-free T=1 responses 38.6% right,
+  greedy 73%; responses with a shortcut ~3.5% right at T=1, the teacher's ~42%). As registered, no
+  further attempt and no `steps3` RL run: `steps3` is NOT MEASURED, and the study's result rests
+  on `late` alone (`docs/study/steps3_base.json`: the acceptance measurement).
 
     .venv/bin/python benchmarks/tiny_ktae_study.py [--tasks late,steps3] [--seeds 10] [--steps N] [--quick]
     .venv/bin/python benchmarks/tiny_ktae_study.py --tasks steps3 --base-only     # a base's held-out figures
@@ -266,7 +272,7 @@ def main(argv=None) -> int:
     parser.add_argument("--held-out", type=int, default=1000)
     parser.add_argument("--second-only", action="store_true", help="only the SFT control and KTAE (beta=2)")
     parser.add_argument("--sft-cpu-s", type=float, default=17.0, help="SFT budget with --second-only (CPU s)")
-    parser.add_argument("--tasks", default="late", help="comma-separated: late, steps3 (`steps` has no usable base, see above)")
+    parser.add_argument("--tasks", default="late", help="comma-separated (late, steps, steps3); only late has a usable base, see above")
     parser.add_argument("--resume", nargs="*", default=[], metavar="STUDY_JSON",
                         help="earlier study.json files: skip the (task, arm, seed) runs they hold")
     parser.add_argument("--base-only", action="store_true", help="only measure the bases (T=1 and greedy)")
