@@ -9,7 +9,8 @@ no GPU needed) from abstract parameters, twice:
   before   the training parameters as the sampler read them until now (param dtype, FSDP-sharded)
   after    the rollout copy (`sample.decode_params`: compute dtype, `mesh.decode_shardings`)
 and the bytes moved by its collectives (all-gather, all-reduce, reduce-scatter, all-to-all,
-collective-permute: the size of each result; loop bodies counted once) are summed from the
+collective-permute: the size of each result, times the known trip count of the loops around it,
+so once per layer inside the layer scan) are summed from the
 optimized HLO of three programs compiled apart: the step without its refill (run every step),
 the refill (run when a row finishes and another waits: the copy of the entering rows' prompt
 keys, and the prefill of the next chunk of prompts when a waiting row needs it) and that chunk
@@ -44,11 +45,40 @@ def h100_mesh(cfg):
     return make_mesh(cfg.mesh, devices), jax
 
 
+def _repeats(hlo: str) -> dict[str, int]:
+    """How many times each computation runs per call of the program: a while loop's body its known
+    trip count times its caller's (the layer scan: once per layer), any other callee as its caller."""
+    calls: dict[str, list[tuple[str, int]]] = {}  # callee -> [(caller, factor)]
+    current, entry = "", ""
+    for line in hlo.splitlines():
+        head = re.match(r"^(ENTRY )?%?([\w.\-]+) ", line)
+        if head and line.rstrip().endswith("{"):
+            current = head.group(2)
+            entry = current if head.group(1) else entry
+            continue
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        body = re.search(r"body=%?([\w.\-]+)", line)
+        for name in re.findall(r"(?:condition|body|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)", line):
+            calls.setdefault(name, []).append((current, int(trips.group(1)) if trips and body and name == body.group(1) else 1))
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+            for name in re.findall(r"%?([\w.\-]+)", group):
+                calls.setdefault(name, []).append((current, 1))
+    memo = {entry: 1}
+
+    def times(name: str, depth: int = 0) -> int:
+        if name not in memo:
+            memo[name] = max((times(c, depth + 1) * f for c, f in calls.get(name, [])), default=1) if depth < 50 else 1
+        return memo[name]
+    return {name: times(name) for name in set(calls) | {entry}}
+
+
 def collective_bytes(hlo: str) -> tuple[int, int, dict[str, int]]:
-    """(bytes outside conditional branches, bytes inside them, per-op totals) of the collectives."""
+    """(bytes outside conditional branches, bytes inside them, per-op totals) of the collectives, each
+    counted as often as it runs (inside the layer scan: once per layer)."""
     always = branch = 0
     per_op: dict[str, int] = {}
     current = ""
+    repeats = _repeats(hlo)
     branches = {name for group in re.findall(r"branch_computations=\{([^}]*)\}", hlo)
                 for name in re.findall(r"%?([\w.\-]+)", group)}
     branches |= {name for pair in re.findall(r"true_computation=%?([\w.\-]+), false_computation=%?([\w.\-]+)", hlo)
@@ -61,8 +91,8 @@ def collective_bytes(hlo: str) -> tuple[int, int, dict[str, int]]:
         m = re.search(r"= ((?:\([^=]*\))|(?:\w+\[[\d,]*\](?:\{[^}]*\})?)) (" + "|".join(COLLECTIVES) + r")(?:-done)?\(", line)
         if not m:
             continue
-        size = sum(BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
-                   for t, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)))
+        size = repeats.get(current, 1) * sum(BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                                             for t, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)))
         per_op[m.group(2)] = per_op.get(m.group(2), 0) + size
         if current in branches:
             branch += size
