@@ -25,7 +25,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
 import time

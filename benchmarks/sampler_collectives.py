@@ -117,7 +117,6 @@ def main() -> None:
     from ktae_jax import mesh as mesh_lib
     from ktae_jax.config import load_config
     from ktae_jax.models import init_random
-    from ktae_jax.models.kv_cache import KVCache
     from ktae_jax.plan import model_config_for
     from ktae_jax.sample import SamplingConfig, choose_tokens
 
@@ -130,7 +129,6 @@ def main() -> None:
     w = (args.slots_per_device or r.sample_prompts_per_device * r.group_size) * devices
     length = args.cache_len or cfg.data.max_prompt_len + r.max_new_tokens
     tp = cfg.data.max_prompt_len
-    p = w // r.group_size
     graphdef, params = nnx.split(nnx.eval_shape(lambda: init_random(model_cfg, dtype=param_dtype, compute_dtype=compute)))
     sharded = lambda tree, shardings: jax.tree.map(  # noqa: E731
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

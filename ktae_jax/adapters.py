@@ -45,7 +45,7 @@ class PolicyWeights:
         # The sampler's graph: without adapters (folded into the weights) under LoRA.
         self.sample_graphdef = (lora_lib.folded_graphdef(self.graphdef, self.initial, self.frozen) if lora
                                 else self.graphdef)
-        self._copy = None
+        self._copy = self._fold = None
 
     def reference(self, params: nnx.State) -> nnx.State:
         """The trainable part of the frozen reference policy (see the module docstring)."""
@@ -57,7 +57,9 @@ class PolicyWeights:
         """The policy's whole state for `sample_graphdef` (folded under LoRA), in the parameters' dtype."""
         if self.lora is None:
             return nnx.merge_state(params, self.frozen)
-        return jax.jit(lambda p, f: lora_lib.folded_state(self.graphdef, p, f))(params, self.frozen)
+        if self._fold is None:  # one jitted function: a new one per call would compile at every evaluation
+            self._fold = jax.jit(lambda p, f: lora_lib.folded_state(self.graphdef, p, f))
+        return self._fold(params, self.frozen)
 
     def rollout_copy(self, params: nnx.State) -> nnx.State:
         """The sampler's copy under LoRA: the folded weights cast to the compute dtype, laid out for

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ktae_reference import naive_group_scores, naive_ktae_advantages
+from ktae_reference import naive_ktae_advantages
 from scipy import stats
 
 from ktae_jax.ktae import (KTAEConfig, fisher_p_table, key_scores_at_tokens, key_token_scores, ktae_advantages,

@@ -21,6 +21,10 @@ from ktae_jax.mesh import MeshConfig
 from ktae_jax.rewards.functions import RewardConfig
 from ktae_jax.sample import SamplingConfig
 
+if typing.TYPE_CHECKING:  # for the annotations; the methods import them when called
+    from ktae_jax.models.config import ModelOptions
+    from ktae_jax.models.lora import LoraSpec
+
 
 class ConfigError(ValueError):
     """A bad configuration; the message names the key."""

@@ -156,7 +156,6 @@ def _allow_eval(s: str) -> bool:
 
 
 def _to_sympy(s: str):
-    import sympy
     from sympy.parsing import sympy_parser as sp
 
     if "\\" in s:
