@@ -159,7 +159,7 @@ its base was measured (its build had just started) and before any RL run on it:
   further attempt and no `steps3` RL run: `steps3` is NOT MEASURED, and the study's result rests
   on `late` alone (`docs/study/steps3_base.json`: the acceptance measurement).
 
-AMENDMENT, 1 December 2026, 22:50 UTC (the lead's decision): the `steps3` base is run although
+AMENDMENT, 1 December 2026, 22:45 UTC (the lead's decision): the `steps3` base is run although
 it is below the registered 15% floor. Disclosed plainly: this was decided AFTER seeing the base's
 13.3% and BEFORE any RL result on `steps3` (no `steps3` RL run existed; no method comparison had
 been seen, so the decision cannot favour either method). Why: the 15% floor was a proxy for "RL
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     parser.add_argument("--held-out", type=int, default=1000)
     parser.add_argument("--second-only", action="store_true", help="only the SFT control and KTAE (beta=2)")
     parser.add_argument("--sft-cpu-s", type=float, default=17.0, help="SFT budget with --second-only (CPU s)")
-    parser.add_argument("--tasks", default="late", help="comma-separated (late, steps, steps3); steps has no usable base, steps3 runs under the 22:50 amendment")
+    parser.add_argument("--tasks", default="late", help="comma-separated (late, steps, steps3); steps has no usable base, steps3 runs under the 22:45 amendment")
     parser.add_argument("--resume", nargs="*", default=[], metavar="STUDY_JSON",
                         help="earlier study.json files: skip the (task, arm, seed) runs they hold")
     parser.add_argument("--base-only", action="store_true", help="only measure the bases (T=1 and greedy)")
