@@ -170,10 +170,15 @@ RL a signal; the floor is lowered to what it stood for. NOTHING ELSE CHANGES: th
 at 22:30. Runs: two processes side by side (seeds 0-4, 5-9) with `--resume`, GRPO and KTAE
 (released) first for every seed, then SFT (budget: that seed's GRPO training CPU time) and KTAE
 (beta=2); new work stops being launched at ~23:25 UTC and whatever finished is reported with its n.
+  Outcome, 23:04 UTC: all 40 `steps3` runs finished (n = 10 in every arm; `docs/study/steps3_*.json`,
+  1,011 CPU s in two processes, ~18 minutes of wall time). Primary endpoint, KTAE(released) - GRPO
+  final T=1 accuracy: -0.005 [-0.047, +0.036], no difference detected; AUC -0.008 [-0.035, +0.018];
+  length +0.12 tokens [-0.01, +0.26]; SFT - GRPO -0.045 [-0.087, -0.004]; beta=2 - released
+  -0.004 [-0.025, +0.016] (README: the full tables).
 
     .venv/bin/python benchmarks/tiny_ktae_study.py [--tasks late,steps3] [--seeds 10] [--steps N] [--quick]
     .venv/bin/python benchmarks/tiny_ktae_study.py --tasks steps3 --base-only     # a base's held-out figures
-    .venv/bin/python benchmarks/tiny_study_report.py docs/study/late_*.json      # the tables and plots
+    .venv/bin/python benchmarks/tiny_study_report.py docs/study/late_*.json docs/study/steps3_*.json   # tables, plots
 """
 
 from __future__ import annotations
