@@ -61,3 +61,10 @@ def no_compilation_cache():
     finally:
         jax.config.update("jax_enable_compilation_cache", True)
         compilation_cache.reset_cache()
+
+
+def pytest_collection_modifyitems(config, items):
+    """test_demo.py first: it is the suite's longest file (two training runs, their evaluations and a
+    resume), and `make test`'s workers take whole files in collection order (`--dist loadfile`), so
+    picked up last it ran alone on one worker for minutes at the end. The rest keeps its order."""
+    items.sort(key=lambda item: item.path.name != "test_demo.py")  # stable: files stay contiguous
