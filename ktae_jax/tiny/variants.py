@@ -21,7 +21,8 @@ punctuation are single tokens, "Sum:", "Guess:" and "\\boxed{" whole tokens), so
   steps3 the `steps` design on three 2-digit terms: two running sums, two choices (the first at
          the first response token, the second in the middle, after the first sum):
            "47+85=132, ~200. \\boxed{200}"   (second step a shortcut, here wrong)
-         (Its base failed the study's acceptance test too: 13.3% at T=1, see `bases/BUILD.md`.)
+         (Its base is below the study's registered acceptance floor, 13.3% at T=1 against 15%; the
+         study ran it under a disclosed amendment, see `bases/BUILD.md` and the study's docstring.)
 
 The teacher picks each choice with probability 1/2. Problems are split into train / test by the
 same text hash as the shipped task (`task.split_of`), so held-out problems never appear in
