@@ -257,8 +257,10 @@ def test_two_processes_shard_the_evaluation(checkpoint, shared_dir, tmp_path):
     import subprocess
     import sys
 
+    from _xla import xla_flags
+
     port, out = _free_port(), tmp_path / "eval"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(2)}
     cmd = [sys.executable, "-m", "ktae_jax.cli.evaluate", "--checkpoint", str(checkpoint), "--benchmarks",
            "aime24,minerva_math", "--data-dir", str(shared_dir / "eval"), "--out", str(out), "--limit", "3",
            "--max-new-tokens", str(NEW_TOKENS), "--batch-prompts", "2", "--workers", "1", "--no-progress",

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from _train_helpers import make_workspace, read_metrics, tiny_overrides
+from _xla import xla_flags
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -27,7 +28,7 @@ def _command(checkpoint, data, run_dir, *extra):
 
 def _env(devices: int) -> dict:
     return {**os.environ, "PYTHONPATH": str(TESTS), "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": xla_flags(devices)}
 
 
 def test_two_processes_match_one_process_with_four_devices(tmp_path):

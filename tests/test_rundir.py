@@ -14,6 +14,7 @@ import jax
 import pytest
 import yaml
 from _train_helpers import make_workspace, read_metrics, tiny_config, tiny_overrides
+from _xla import xla_flags
 
 from ktae_jax.metrics import MetricsError, MetricsLogger
 from ktae_jax.rundir import RunDirError, RunDirLock, check_resume, config_changes
@@ -22,7 +23,7 @@ from ktae_jax.train import Trainer, run
 TESTS = pathlib.Path(__file__).resolve().parent
 ONE = jax.devices()[:1]  # one device is enough here, and quicker than the 8 simulated ones
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-       "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+       "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import optax
 import pytest
 from _train_helpers import (assert_same_updates, make_workspace, read_metrics, tiny_config, tiny_overrides,
                             use_gradient_linear_optimizer, without_times)
+from _xla import xla_flags
 
 from ktae_jax.metrics import StageTimer
 from ktae_jax.models import load_pretrained
@@ -39,7 +40,7 @@ def test_cli_runs_logs_checkpoints_survives_sigterm_and_resumes(workspace, tmp_p
     args = [sys.executable, "-m", "ktae_jax.cli.train", *tiny_overrides(
         checkpoint, data, run_dir, **{"run.max_steps": 1000, "run.export_hf": True, "run.tensorboard": True,
                                       "run.progress": True, "run.checkpoint_every": 100})]
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not (run_dir / "metrics.jsonl").exists():
