@@ -59,17 +59,20 @@ def long_tail(n: int, max_new: int, seed: int = 0):
     return np.random.default_rng(seed).permutation(lengths), real
 
 
-def best_time(fn, reps: int, keep: list | None = None) -> float:
-    """Fastest of `reps` runs after one warm-up (the warm-up compiles); `keep` gets the last result."""
+def timed(fn, reps: int):
+    """(fastest of `reps` runs after one warm-up (the warm-up compiles), the last run's result)."""
     out = fn()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - start)
-    if keep is not None:
-        keep.append(out)
-    return min(times)
+    return min(times), out
+
+
+def best_time(fn, reps: int) -> float:
+    """Fastest of `reps` runs after one warm-up."""
+    return timed(fn, reps)[0]
 
 
 def _ours(model, prompts, mask, cfg, stops, key=0):
@@ -129,12 +132,9 @@ def case_longtail(folder, vocab: int, quick: bool, args) -> None:
     model, _ = load_pretrained(folder)
     ours_cfg = SamplingConfig(r, temperature=1.0, num_samples=g, slots=slots)
     base_cfg = SamplingConfig(r, temperature=1.0, num_samples=g)
-    kept: list = []
-    t_ours = best_time(lambda: _ours(model, prompts, mask, ours_cfg, lengths), args.reps, kept)
-    out = kept.pop()
+    t_ours, out = timed(lambda: _ours(model, prompts, mask, ours_cfg, lengths), args.reps)
     assert np.array_equal(np.asarray(out.lengths), lengths)
-    t_base = best_time(lambda: _baseline(model, prompts, mask, base_cfg, lengths), args.reps, kept)
-    base = kept.pop()
+    t_base, base = timed(lambda: _baseline(model, prompts, mask, base_cfg, lengths), args.reps)
     t_hf = None if args.no_hf else _hf_generate(folder, prompts, g, r, max(1, args.reps - 1))
     live = int(lengths.sum())
     print(f"\n== longtail: {p} prompts x G={g} = {p * g} rows, {tp}-token prompts, R={r}, temperature 1, "

@@ -29,6 +29,7 @@ from flax import nnx
 from ktae_jax import mesh as mesh_lib
 from ktae_jax.models import lora as lora_lib
 from ktae_jax.models.lora import LoraSpec
+from ktae_jax.sample import cast_floating
 from ktae_jax.step import split_policy
 
 
@@ -65,8 +66,7 @@ class PolicyWeights:
         """The sampler's copy under LoRA: the folded weights cast to the compute dtype, laid out for
         decoding (`mesh.decode_shardings`), in one jitted program (no full-size intermediate kept)."""
         if self._copy is None:
-            cast = lambda x: x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
-            fold = lambda p, f: jax.tree.map(cast, lora_lib.folded_state(self.graphdef, p, f))  # noqa: E731
+            fold = lambda p, f: cast_floating(lora_lib.folded_state(self.graphdef, p, f), self.compute_dtype)  # noqa: E731
             abstract = jax.eval_shape(fold, params, self.frozen)
             out = None if self.mesh is None else mesh_lib.decode_shardings(abstract, self.mesh)
             self._copy = jax.jit(fold, out_shardings=out)

@@ -151,7 +151,7 @@ def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
     micro_per_device = max(micro_rows // batch_devices, 1)
     scores, activations = backward_memory(cfg, model, micro_per_device, tensor)
     rows_per_device = rows // batch_devices
-    sample_rows_per_device = cfg.sample_chunk_prompts(batch_devices) * cfg.rollout.group_size // batch_devices
+    sample_rows_per_device = cfg.prompts_in_slots(batch_devices) * cfg.rollout.group_size // batch_devices
     kv_cache = (2 * model.num_layers * model.num_kv_heads * model.head_dim * seq * sample_rows_per_device * c_bytes
                 / min(tensor, model.num_kv_heads))
     # FSDP gathers the embedding / output tables whole for the step, and each layer's weights in

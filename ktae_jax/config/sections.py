@@ -241,7 +241,7 @@ class TrainConfig:
         """Rollouts per slice of the log-prob passes, over all batch devices (no gradients: may be larger)."""
         return self.algo.logprob_micro_batch_per_device * batch_devices or self.micro_batch_rollouts(batch_devices)
 
-    def sample_chunk_prompts(self, batch_devices: int) -> int:
+    def prompts_in_slots(self, batch_devices: int) -> int:
         """Prompts whose rows fill the decode slots at once, over all batch devices (the step's
         prompts still go through one sampler call: a slot takes the next row as a row stops)."""
         return self.rollout.sample_prompts_per_device * batch_devices or self.rollout.prompts_per_step
