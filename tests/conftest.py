@@ -8,7 +8,7 @@ import tempfile
 
 # Must happen before jax is imported anywhere: tests run sharded code on 8 simulated devices, with
 # XLA:CPU's quicker-compiling emitters (`_xla.py`).
-from _xla import xla_flags  # noqa: E402
+from _xla import xla_flags
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -56,4 +56,3 @@ def no_compilation_cache():
     finally:
         jax.config.update("jax_enable_compilation_cache", True)
         compilation_cache.reset_cache()
-
