@@ -130,7 +130,8 @@ def case_longtail(folder, vocab: int, quick: bool, args) -> None:
     prompts = np.random.default_rng(0).integers(0, vocab, (p, tp)).astype(np.int32)
     mask = np.ones_like(prompts)
     model, _ = load_pretrained(folder)
-    ours_cfg = SamplingConfig(r, temperature=1.0, num_samples=g, slots=slots)
+    narrow = {} if args.min_slots is None else {"min_slots_per_device": args.min_slots}
+    ours_cfg = SamplingConfig(r, temperature=1.0, num_samples=g, slots=slots, **narrow)
     base_cfg = SamplingConfig(r, temperature=1.0, num_samples=g)
     t_ours, out = timed(lambda: _ours(model, prompts, mask, ours_cfg, lengths), args.reps)
     assert np.array_equal(np.asarray(out.lengths), lengths)
@@ -138,7 +139,7 @@ def case_longtail(folder, vocab: int, quick: bool, args) -> None:
     t_hf = None if args.no_hf else _hf_generate(folder, prompts, g, r, max(1, args.reps - 1))
     live = int(lengths.sum())
     print(f"\n== longtail: {p} prompts x G={g} = {p * g} rows, {tp}-token prompts, R={r}, temperature 1, "
-          f"{slots} decode slots")
+          f"{slots} decode slots, narrowed to no fewer than {ours_cfg.min_slots_per_device}")
     print(f"real responses: {len(real)}, Qwen tokens min {real.min()} median {int(np.median(real))} "
           f"mean {real.mean():.0f} max {real.max()}; scaled x{r / real.max():.3f}: these rows' lengths "
           f"min {lengths.min()} p50 {int(np.median(lengths))} p90 {int(np.percentile(lengths, 90))} max {lengths.max()}, "
@@ -246,6 +247,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4, help="longtail: prompts")
     ap.add_argument("--groups", type=int, default=8, help="longtail: responses per prompt")
     ap.add_argument("--slots", type=int, default=8, help="longtail: the engine's decode slots")
+    ap.add_argument("--min-slots", type=int, default=None,
+                    help="longtail: the fewest slots the engine narrows the tail to (default: "
+                         "SamplingConfig.min_slots_per_device's)")
     ap.add_argument("--reps", type=int, default=2, help="timed runs per side (the fastest is kept)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     args = ap.parse_args()

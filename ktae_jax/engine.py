@@ -19,7 +19,8 @@ each group and the first s cache slots. The view starts with room for 64 respons
 2x (to R) only when a live row needs it, so a step's attention cost follows the longest live row,
 not R. Then, when no rows wait and every group's live slots fit half the width, each group packs
 its live slots to the front (in place, one layer at a time) and the view narrows (down to a
-quarter), so the long tail of a long-tailed length distribution runs on a smaller batch.
+quarter, and never below `min_slots_per_device`), so the long tail of a long-tailed length
+distribution runs on a smaller batch.
 (Phases with their own cache per length or width kept every phase's cache, and gathers of the
 slots across devices kept whole copies on every device: 190 GiB per H100 at 7B, issue #14.)
 """
@@ -230,10 +231,12 @@ def _pack(slots: Slots, width: int, place: Place) -> Slots:
                  take(slots.live))
 
 
-def widths(slots: int, batch_devices: int) -> list[int]:
-    """The widths the engine runs at: halving from `slots` to a quarter, each a multiple of the devices."""
+def widths(slots: int, batch_devices: int, min_per_device: int = 1) -> list[int]:
+    """The widths the engine runs at: halving from `slots` to a quarter, each a multiple of the
+    devices and at least `min_per_device` slots per device."""
     out = [slots]
-    while len(out) < 3 and out[-1] % 2 == 0 and (out[-1] // 2) % batch_devices == 0:
+    while (len(out) < 3 and out[-1] % 2 == 0 and (out[-1] // 2) % batch_devices == 0
+           and out[-1] // 2 >= min_per_device * batch_devices):
         out.append(out[-1] // 2)
     return out
 
@@ -295,14 +298,16 @@ def _run(phases: list[Phase], body: Callable[[Loop], Loop], tp: int, rows: int, 
 
 def decode(
     model: Transformer, ids_PxTp: Array, mask_PxTp: Array, key: Array, choose: Choose, lim: Limits, *,
-    slots: int, batch_devices: int = 1, stop_len_N: Array | None = None, place: Place = lambda x: x,
+    slots: int, batch_devices: int = 1, min_slots_per_device: int = 1, stop_len_N: Array | None = None,
+    place: Place = lambda x: x,
 ) -> tuple[Outputs, Array, Array]:
     """All N rows of the left-padded prompts decoded over `slots` slots. Returns the outputs, the
     slot-steps and iterations spent.
 
     `stop_len_N` forces row n to stop after that many tokens (benchmarks: a random model never
     emits a stop id of its own); None: only stop ids and R stop a row. The prompts and rows are
-    split into `batch_devices` groups (each a multiple of it), `slots` too."""
+    split into `batch_devices` groups (each a multiple of it), `slots` too. The long tail narrows to
+    no fewer than `min_slots_per_device` slots per device."""
     n, r, groups = lim.rows, lim.max_new, batch_devices
     p, tp = ids_PxTp.shape
     if p % groups or slots % groups:
@@ -310,7 +315,7 @@ def decode(
     wg = slots // groups
     lim = lim._replace(chunk=min(-(-wg // lim.group), p // groups))  # a chunk's rows fill the group's slots
     lengths = cache_lengths(tp, r)
-    phases = [Phase(slots, length) for length in lengths] + [Phase(w, lengths[-1]) for w in widths(slots, groups)[1:]]
+    phases = [Phase(slots, length) for length in lengths] + [Phase(w, lengths[-1]) for w in widths(slots, groups, min_slots_per_device)[1:]]
     stop_len = jnp.full((n,), r, jnp.int32) if stop_len_N is None else stop_len_N.astype(jnp.int32)
     cfg = model.config
     # Keys and values each their own buffer (one array for both would make XLA copy it before writing).

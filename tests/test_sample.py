@@ -40,10 +40,10 @@ def _first_stop(row: np.ndarray, eos: int) -> int:
     return int(hits[0]) + 1 if hits.size else len(row)
 
 
-@pytest.mark.parametrize("family,slots", [("qwen2", 0), ("llama", 0), ("qwen3", 0), ("qwen2", 3)])
+@pytest.mark.parametrize("family,slots", [("qwen2", 0), ("llama", 0), ("qwen3", 0), ("qwen2", 4)])
 def test_greedy_matches_transformers_with_eos_and_masks(tmp_path, family, slots):
-    """slots=3 < 8 rows: rows wait for a slot, enter it when an earlier row stops, share a batch
-    with rows at other positions, and the tail is packed into fewer slots."""
+    """slots=4 < 8 rows: rows wait for a slot, enter it when an earlier row stops, share a batch
+    with rows at other positions, and the tail is packed into fewer slots (2, then 1)."""
     folder = make_hf_checkpoint(tmp_path, family, num_key_value_heads=1 if family == "llama" else 2)
     model, _ = load_pretrained(folder)
     ids, mask = left_padded_batch([8, 3, 6, 1], 96, seed=7)
@@ -52,7 +52,8 @@ def test_greedy_matches_transformers_with_eos_and_masks(tmp_path, family, slots)
     assert np.array_equal(free_tokens[0::2], free_tokens[1::2])  # greedy copies of one prompt agree
     # A stop id that row 0 emits mid-way but another row never emits: some rows stop, some never do.
     eos = next(int(t) for t in free_tokens[0, 1:R - 1] if any(t not in r for r in free_tokens[2::2]))
-    cfg = SamplingConfig(R, greedy=True, eos_ids=(95, eos), pad_id=0, num_samples=2, slots=slots)
+    cfg = SamplingConfig(R, greedy=True, eos_ids=(95, eos), pad_id=0, num_samples=2, slots=slots,
+                         min_slots_per_device=1)
     got = sample(model, ids, mask, jax.random.key(0), cfg)
     tokens, got_mask = np.asarray(got.tokens)[0::2], np.asarray(got.mask)[0::2]
     want = _hf_greedy(folder, ids, mask, cfg.eos_ids, 0, R)
@@ -66,7 +67,8 @@ def test_greedy_matches_transformers_with_eos_and_masks(tmp_path, family, slots)
     np.testing.assert_array_equal(np.asarray(got.lengths)[0::2], stops)
     np.testing.assert_array_equal(np.asarray(got.logp), 0.0)  # greedy: a point mass
     if slots:
-        assert int(got.decode_steps) > R  # 3 slots for 8 rows: some rows waited
+        assert int(got.decode_steps) > R  # 4 slots for 8 rows: some rows waited
+        assert int(got.slot_steps) < slots * int(got.decode_steps)  # and the tail ran on fewer slots
 
 
 def _reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -140,7 +142,8 @@ def test_sampling_does_not_depend_on_the_slots(qwen_dir):
     model, _ = load_pretrained(qwen_dir)
     ids, mask = left_padded_batch([6, 2, 4], 96, seed=8)
     stops = np.array([3, 9, 1, 12, 5, 7, 2, 12, 4])  # forced: a random model has no stop of its own
-    runs = [jax.device_get(sample(model, ids, mask, jax.random.key(5), SamplingConfig(12, num_samples=3, slots=s),
+    runs = [jax.device_get(sample(model, ids, mask, jax.random.key(5),
+                                  SamplingConfig(12, num_samples=3, slots=s, min_slots_per_device=1),  # packs too
                                   stop_lengths_N=stops)) for s in (0, 4, 2)]
     for got in runs:
         np.testing.assert_array_equal(got.lengths, stops)
@@ -158,14 +161,18 @@ def test_slot_steps_hand_counted(qwen_dir):
     to 1 slot; it. 4, 5 on that slot. 2 + 2 + 2 + 1 + 1 = 8 slot-steps, all live."""
     model, _ = load_pretrained(qwen_dir)
     ids, mask = left_padded_batch([4, 3], 96, seed=1)
-    got = sample(model, ids, mask, jax.random.key(0), SamplingConfig(6, num_samples=2, slots=2),
+    got = sample(model, ids, mask, jax.random.key(0), SamplingConfig(6, num_samples=2, slots=2, min_slots_per_device=1),
                  stop_lengths_N=np.array([1, 3, 2, 2]))
     assert (int(got.decode_steps), int(got.slot_steps)) == (5, 8)
     assert slot_efficiency(got) == 1.0
-    alone = sample(model, ids, mask, jax.random.key(0), SamplingConfig(6, num_samples=2),
+    alone = sample(model, ids, mask, jax.random.key(0), SamplingConfig(6, num_samples=2, min_slots_per_device=1),
                    stop_lengths_N=np.array([1, 3, 2, 2]))
     # 4 slots: it. 1, 2 at width 4; then only row 1 is live: packed to 2, then to 1 slot for it. 3.
     assert (int(alone.decode_steps), int(alone.slot_steps)) == (3, 4 + 4 + 1)
+    # By default the tail keeps 8 slots per device: here all 4, for all 3 iterations.
+    default = sample(model, ids, mask, jax.random.key(0), SamplingConfig(6, num_samples=2),
+                     stop_lengths_N=np.array([1, 3, 2, 2]))
+    assert (int(default.decode_steps), int(default.slot_steps)) == (3, 4 + 4 + 4)
 
 
 def test_eight_devices_same_greedy_and_no_recompile(qwen_dir):
@@ -231,6 +238,8 @@ def test_bad_prompts_and_config_are_named(qwen_dir):
     assert past.tokens.shape == (1, 4)
     with pytest.raises(ValueError, match="slots=-1"):
         SamplingConfig(2, slots=-1)
+    with pytest.raises(ValueError, match="min_slots_per_device=0"):
+        SamplingConfig(2, min_slots_per_device=0)
     with pytest.raises(ValueError, match="top_p=0"):
         SamplingConfig(2, top_p=0.0)
     with pytest.raises(ValueError, match="temperature=0"):
@@ -284,7 +293,7 @@ def test_sampler_memory_is_one_cache_on_eight_devices(qwen_dir):
     graphdef, state = nnx.split(model)
     p, tp, r, g, slots = 16, 16, 256, 8, 64
     ids = jax.ShapeDtypeStruct((p, tp), np.int32, sharding=batch_sharding(mesh, (p, tp)))
-    cfg = SamplingConfig(r, num_samples=g, slots=slots)
+    cfg = SamplingConfig(r, num_samples=g, slots=slots, min_slots_per_device=2)  # widths of 8, 4, 2 per device
     compiled = sample_jit.lower(graphdef, state, ids, ids, jax.random.key(0), config=cfg, mesh=mesh).compile()
     c = model.config
     cache = 2 * c.num_layers * (slots // 8) * c.num_kv_heads * (tp + r) * c.head_dim * np.dtype(model.dtype).itemsize
