@@ -33,6 +33,9 @@ def tiny_overrides(checkpoint: pathlib.Path, data: pathlib.Path, run_dir: pathli
     values = {
         "model.path": str(checkpoint), "data.train_files": f"[{data}]", "data.max_prompt_len": 32,
         "rollout.prompts_per_step": 8, "rollout.group_size": 4, "rollout.max_new_tokens": 6,
+        # 8 decode slots for the step's 32 rows: the trainer's sampler refills slots (continuous
+        # batching), and at one width compiles in half the time of a 32-slot one (32, 16, 8).
+        "rollout.sample_prompts_per_device": 2,
         "reward.custom_fn": "_train_helpers:digit_reward", "reward.num_workers": 1,
         "optim.lr": 1e-3, "optim.weight_decay": 0.0, "run.run_dir": str(run_dir), "run.max_steps": 4,
         "run.checkpoint_every": 1, "run.progress": False, "run.tensorboard": False, "run.export_hf": False,
