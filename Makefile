@@ -37,10 +37,11 @@ demo: $(RUNTIME)
 
 # JAX_PLATFORMS=cpu: libtpu and the CUDA plugin (for the compile-only tests) stay unloaded at start.
 # Two pytest-xdist workers (TEST_WORKERS=1: one process), each running whole test files, so a file's
-# shared fixtures are built once: most tests compile or wait on subprocesses one core at a time.
+# shared fixtures are built once: most tests compile or wait on subprocesses one core at a time. The
+# files go out costliest first, in conftest.py's order (--no-loadscope-reorder), so both finish together.
 TEST_WORKERS ?= 2
 test: $(TESTDEPS)
-	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 bench: $(TESTDEPS)
 	$(VENV)/bin/python benchmarks/bench_ktae.py
