@@ -315,7 +315,8 @@ def decode(
     wg = slots // groups
     lim = lim._replace(chunk=min(-(-wg // lim.group), p // groups))  # a chunk's rows fill the group's slots
     lengths = cache_lengths(tp, r)
-    phases = [Phase(slots, length) for length in lengths] + [Phase(w, lengths[-1]) for w in widths(slots, groups, min_slots_per_device)[1:]]
+    phases = ([Phase(slots, length) for length in lengths]
+              + [Phase(w, lengths[-1]) for w in widths(slots, groups, min_slots_per_device)[1:]])
     stop_len = jnp.full((n,), r, jnp.int32) if stop_len_N is None else stop_len_N.astype(jnp.int32)
     cfg = model.config
     # Keys and values each their own buffer (one array for both would make XLA copy it before writing).
