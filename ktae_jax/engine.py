@@ -231,7 +231,7 @@ def _pack(slots: Slots, width: int, place: Place) -> Slots:
                  take(slots.live))
 
 
-def widths(slots: int, batch_devices: int, min_per_device: int = 1) -> list[int]:
+def widths(slots: int, batch_devices: int, min_per_device: int) -> list[int]:
     """The widths the engine runs at: halving from `slots` to a quarter, each a multiple of the
     devices and at least `min_per_device` slots per device."""
     out = [slots]
@@ -298,7 +298,7 @@ def _run(phases: list[Phase], body: Callable[[Loop], Loop], tp: int, rows: int, 
 
 def decode(
     model: Transformer, ids_PxTp: Array, mask_PxTp: Array, key: Array, choose: Choose, lim: Limits, *,
-    slots: int, batch_devices: int = 1, min_slots_per_device: int = 1, stop_len_N: Array | None = None,
+    slots: int, min_slots_per_device: int, batch_devices: int = 1, stop_len_N: Array | None = None,
     place: Place = lambda x: x,
 ) -> tuple[Outputs, Array, Array]:
     """All N rows of the left-padded prompts decoded over `slots` slots. Returns the outputs, the
