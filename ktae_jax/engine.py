@@ -140,12 +140,15 @@ def _by_group(x: Array, groups: int, axis: int = 0) -> Array:
     return x.reshape(*x.shape[:axis], groups, x.shape[axis] // groups, *x.shape[axis + 1:])
 
 
-def _per_layer(buf: Array, fn: Callable[[Array, Array], Array], count: Array | int | None = None) -> Array:
-    """buf [L, ...] with layer l's [..] replaced by fn(l, buf[l]) (same leading shape, a prefix of
-    the rest), one layer at a time: in place, with one layer's worth of temporaries."""
+def _per_layer(buf: Array, fn: Callable[[Array, Array], Array], region: tuple[int, ...],
+               count: Array | int | None = None) -> Array:
+    """buf [L, ...] with the leading `region` of each layer l overwritten from its front by fn(l, that
+    region), one layer at a time: in place, reading and writing only the region (the refill: a
+    prompt's Tp slots, not the whole Tp + R)."""
     def body(l, b):
-        new = fn(l, jax.lax.dynamic_index_in_dim(b, l, 0, keepdims=False))
-        return jax.lax.dynamic_update_slice(b, new[None].astype(b.dtype), (l,) + (0,) * (b.ndim - 1))
+        at = (l,) + (0,) * (b.ndim - 1)
+        new = fn(l, jax.lax.dynamic_slice(b, at, (1,) + tuple(region))[0])
+        return jax.lax.dynamic_update_slice(b, new[None].astype(b.dtype), at)
     return jax.lax.fori_loop(0, buf.shape[0] if count is None else count, body, buf)
 
 
@@ -171,16 +174,17 @@ def _refill(model: Transformer, slots: Slots, prompts: Prompts, next_row: Array,
     logits = place(jnp.where(take[..., None], local(prompts.logits, ring_q), slots.logits))
 
     def head(src_LxGrxPgxKVxTpxD: Array) -> Callable[[Array, Array], Array]:
-        def one(l: Array, layer_GrxWgxKVxSxD: Array) -> Array:  # the layer's first Tp slots of the view
+        def one(l: Array, old_GrxwgxKVxTpxD: Array) -> Array:  # the layer's first Tp slots of the view
             gathered = local(jax.lax.dynamic_index_in_dim(src_LxGrxPgxKVxTpxD, l, 0, keepdims=False), ring_q)
-            old = layer_GrxWgxKVxSxD[:, :wg, :, :tp]
-            return place(jnp.where(take[:, :, None, None, None], gathered.astype(old.dtype), old))
+            return place(jnp.where(take[:, :, None, None, None], gathered.astype(old_GrxwgxKVxTpxD.dtype),
+                                   old_GrxwgxKVxTpxD))
         return one
 
     # Only when a slot takes a row (a loop of no layers otherwise: a `cond` around the buffers made XLA copy them).
     count = jnp.where(jnp.any(take), slots.k.shape[0], 0)
-    k = _per_layer(slots.k, head(prompts.k), count)
-    v = _per_layer(slots.v, head(prompts.v), count)
+    region = (groups, wg) + slots.k.shape[3:4] + (tp,) + slots.k.shape[5:]
+    k = _per_layer(slots.k, head(prompts.k), region, count)
+    v = _per_layer(slots.v, head(prompts.v), region, count)
     slots = slots._replace(k=k, v=v, key_mask=key_mask, index=jnp.where(take, tp, slots.index), row=row,
                            j=jnp.where(take, 0, slots.j), logits=logits, live=slots.live | take)
     return slots, prompts, next_row + jnp.sum(take, axis=1, dtype=jnp.int32)
@@ -224,11 +228,12 @@ def _pack(slots: Slots, width: int, place: Place) -> Slots:
     order = jnp.argsort(~slots.live, axis=1, stable=True)[:, :width]  # [Gr, width]
     take = lambda x: place(jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1))  # noqa: E731
 
-    def move(l: Array, layer_GrxWgxKVxSxD: Array) -> Array:
-        return place(take(layer_GrxWgxKVxSxD[:, :slots.live.shape[1]]))
+    def move(l: Array, layer_GrxwgxKVxSxD: Array) -> Array:
+        return place(take(layer_GrxwgxKVxSxD))
 
     count = jnp.where(jnp.any(slots.live), slots.k.shape[0], 0)
-    k, v = _per_layer(slots.k, move, count), _per_layer(slots.v, move, count)
+    region = slots.live.shape + slots.k.shape[3:]
+    k, v = _per_layer(slots.k, move, region, count), _per_layer(slots.v, move, region, count)
     return Slots(k, v, take(slots.key_mask), take(slots.index), take(slots.row), take(slots.j), take(slots.logits),
                  take(slots.live))
 
