@@ -207,8 +207,23 @@ def decode_params(params: nnx.State, mesh: Mesh | None, dtype) -> nnx.State:
     """The rollout copy of the policy: floating parameters cast to the compute `dtype` and laid out
     for decoding (`mesh.decode_shardings`: no FSDP split, so no weight gathers per decode step).
     The model casts every weight to its compute dtype before use, so the sampler computes the same
-    numbers from this copy as from `params`. Refresh it after every update (`RolloutCopy`)."""
-    return _decode_copy(params, mesh=mesh, dtype=jnp.dtype(dtype))
+    numbers from this copy as from `params`. Refresh it after every update (`RolloutCopy`).
+    Parameters already in that dtype and layout (float32 compute, no FSDP split) are returned as
+    they are: a copy would only cost memory and a pass over the weights per step."""
+    dtype = jnp.dtype(dtype)
+    if _in_decode_layout(params, mesh, dtype):
+        return params
+    return _decode_copy(params, mesh=mesh, dtype=dtype)
+
+
+def _in_decode_layout(params: nnx.State, mesh: Mesh | None, dtype) -> bool:
+    leaves = jax.tree.leaves(params)
+    if any(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype for x in leaves):
+        return False
+    if mesh is None:
+        return True
+    wanted = jax.tree.leaves(decode_shardings(params, mesh))
+    return all(isinstance(x, jax.Array) and x.sharding.is_equivalent_to(w, x.ndim) for x, w in zip(leaves, wanted))
 
 
 # One jitted function (cached per mesh, dtype and parameter shapes): a new `jax.jit(lambda ...)` per

@@ -221,6 +221,12 @@ def test_rollout_copy_samples_what_the_policy_samples(qwen_dir):
     specs = [x.sharding.spec for x in jax.tree.leaves(decode_params(sharded_params, mesh, jax.numpy.float32))]
     assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(sharded_params))
     assert not any("fsdp" in str(spec) for spec in specs) and any("tensor" in str(spec) for spec in specs)
+    # Already in the decode dtype and layout (no fsdp split): the policy's own arrays, no second copy.
+    data_only = make_mesh(MeshConfig(data=8))
+    replicated, _ = load_pretrained(qwen_dir, mesh=data_only)
+    _, replicated_params = nnx.split(replicated)
+    assert decode_params(replicated_params, data_only, jax.numpy.float32) is replicated_params
+    assert decode_params(replicated_params, data_only, jax.numpy.bfloat16) is not replicated_params
 
 
 def test_bad_prompts_and_config_are_named(qwen_dir):
