@@ -143,6 +143,7 @@ def program_inputs(cfg: TrainConfig, mesh, run: AbstractRun) -> dict[str, tuple[
     # it until the next step's sampling); a log-prob pass (on the policy or on the reference): the
     # optimizer state, the other parameter copy, the rollout copy, the rollouts; the sampler: the
     # training state (parameters and optimizer state), the frozen parameters and the reference.
+    # The rollout copy is counted even where the parameters are their own copy (`decode_params`).
     rollouts = per_device_bytes(batch[2:])
     copy = per_device_bytes(rollout_copy)
     return {

@@ -182,7 +182,8 @@ def _refill(model: Transformer, slots: Slots, prompts: Prompts, next_row: Array,
 
     # Only when a slot takes a row (a loop of no layers otherwise: a `cond` around the buffers made XLA copy them).
     count = jnp.where(jnp.any(take), slots.k.shape[0], 0)
-    region = (groups, wg) + slots.k.shape[3:4] + (tp,) + slots.k.shape[5:]
+    kv, d = slots.k.shape[3], slots.k.shape[5]
+    region = (groups, wg, kv, tp, d)
     k = _per_layer(slots.k, head(prompts.k), region, count)
     v = _per_layer(slots.v, head(prompts.v), region, count)
     slots = slots._replace(k=k, v=v, key_mask=key_mask, index=jnp.where(take, tp, slots.index), row=row,

@@ -159,7 +159,8 @@ def dry_run(cfg: TrainConfig, num_devices: int | None = None) -> str:
     tables = model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2) * p_bytes / tensor
     gathered = 2 * (tables + layer_params(model) * p_bytes / tensor) if fsdp > 1 else 0.0
     # The rollout copy of the policy (`sample.decode_params`: compute dtype, whole along fsdp, split
-    # by tensor) stays from one step's sampling to the next: beside the update too.
+    # by tensor) stays from one step's sampling to the next: beside the update too. (Parameters
+    # already in that dtype and layout are their own copy: counted anyway, an upper bound.)
     rollout_copy = n_params * c_bytes / tensor
     # The engine prefills prompts a chunk at a time into a ring of two chunks per device (`engine.Prompts`).
     slots_per_device = sample_rows_per_device
