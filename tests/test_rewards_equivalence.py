@@ -210,3 +210,30 @@ def test_cpu_time_limit_fires_inside_its_window_and_never_after():
         spin.join()
     handler(signal.SIGPROF, None)  # a signal handled after the window closed is ignored, not raised
     assert signal.getsignal(signal.SIGPROF) == after(before) and signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
+
+
+def test_first_symbolic_check_of_a_process_imports_nothing_inside_its_time_limit():
+    """The symbolic libraries' first use in a process (imports, parser tables: ~0.6 s of CPU here)
+    happens before the CPU-time limit starts: inside it, on a busy machine it used the whole second
+    and a correct answer scored 0 (a fresh-clone run: cosh against its definition)."""
+    import subprocess
+    import sys
+
+    code = r"""
+import contextlib, sys
+from ktae_jax.rewards import equivalence as eq
+imported, limited = [], eq._time_limit
+@contextlib.contextmanager
+def spy(seconds):
+    before = set(sys.modules)
+    with limited(seconds):
+        yield
+    imported.extend(sorted(set(sys.modules) - before))
+eq._time_limit = spy
+assert eq.answer_matches_any(r"\cosh(at)", [r"\frac{1}{2}(e^{at} + e^{-at})"])
+assert eq.answer_matches_any(r"\sqrt{8}", [r"2\sqrt{2}"])
+print(imported)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout[-2000:]

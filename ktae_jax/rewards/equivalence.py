@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import logging
 import math
 import numbers
@@ -167,11 +168,26 @@ def _to_sympy(s: str):
     return sp.parse_expr(plain, transformations=transforms, evaluate=True)
 
 
+@functools.cache
+def _warm_up() -> None:
+    """Import and exercise the symbolic libraries once, outside any time limit. Their first use in a
+    process (lazy imports, parser tables, sympy's caches) cost ~0.6 s of CPU here, and up to the
+    whole `CHECK_TIMEOUT_S` on a busy machine: the first symbolic check of a process (a grader
+    worker's first response) was then cut short and a correct answer scored 0."""
+    import sympy
+    from latex2sympy2_extended import latex2sympy
+    from math_verify import verify
+
+    sympy.simplify(latex2sympy(r"\frac{1}{2}(e^{x} + e^{-x})") - sympy.cosh(sympy.Symbol("x")))
+    verify(_math_verify_parse(r"\frac{1}{2}"), _math_verify_parse("0.5"), timeout_seconds=None)
+
+
 def _sympy_zero_difference(a: str, b: str) -> bool:
     if not (_allow_eval(a) and _allow_eval(b)):
         return False
     import sympy
 
+    _warm_up()
     try:
         with _time_limit(CHECK_TIMEOUT_S):
             diff = sympy.simplify(_to_sympy(a) - _to_sympy(b))
@@ -247,6 +263,7 @@ def math_verify_equal(answer: str, reference: str) -> bool:
     """
     from math_verify import verify
 
+    _warm_up()
     try:
         with _time_limit(CHECK_TIMEOUT_S):
             gold = _math_verify_parse(reference)
