@@ -147,7 +147,7 @@ def main() -> None:
     L, kv, d, v = model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, model_cfg.vocab_size
     f32, i32 = jnp.float32, jnp.int32
     buf = grouped((L, groups, wg, kv, tp + r.max_new_tokens, d), compute, 1)
-    slots = engine.Slots(buf, buf, grouped((groups, wg, length), jnp.bool_), grouped((groups, wg), i32),
+    slots = engine.Slots((buf,), (buf,), grouped((groups, wg, length), jnp.bool_), grouped((groups, wg), i32),
                          grouped((groups, wg), i32), grouped((groups, wg), i32), grouped((groups, wg, v), f32),
                          grouped((groups, wg), jnp.bool_))
     ring_kv = grouped((L, groups, ring, kv, tp, d), compute, 1)

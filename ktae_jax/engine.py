@@ -13,7 +13,9 @@ every loop iteration gives each live slot one token:
               its own position; attention reads only the current view of the cache).
   3. REFILL   slots whose row stopped take their group's next waiting rows: the prompt's prefilled
               keys are copied into the slot's first Tp cache slots, its first logits are the prompt's.
-The keys and values live in ONE buffer [L, Gr, Wg, KV, S, D] for the whole call, updated in place.
+The keys and values live in one buffer [L, Gr, Wg, KV, S, D] for the whole call, updated in place,
+made in two blocks along S: the first s0 = Tp + 64 slots, and the rest, made only when a row
+outgrows the first (rows that all stop within 64 tokens never pay for a cache of Tp + R).
 The program runs in phases of static shapes, each a view of that buffer: the first wg slots of
 each group and the first s cache slots. The view starts with room for 64 response tokens and grows
 2x (to R) only when a live row needs it, so a step's attention cost follows the longest live row,
@@ -35,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ktae_jax.models.kv_cache import KVCache, init_cache
+from ktae_jax.models.kv_cache import Blocks, KVCache, init_cache
 from ktae_jax.models.transformer import Transformer
 
 Array = jax.Array
@@ -71,8 +73,8 @@ class Outputs(NamedTuple):
 class Slots(NamedTuple):
     """The slots of the current view; every per-slot array is [Gr, wg, ...]."""
 
-    k: Array  # [L, Gr, Wg, KV, S, D] the one buffer (the view: [:, :, :wg, :, :s])
-    v: Array
+    k: Blocks  # [L, Gr, Wg, KV, S, D] the one buffer in blocks along S (the view: [:, :, :wg, :, :s])
+    v: Blocks
     key_mask: Array  # [Gr, wg, s] bool
     index: Array  # [Gr, wg] int32 next cache slot (Tp + j)
     row: Array  # [Gr, wg] int32 row of the group served (meaningless where not live)
@@ -181,11 +183,12 @@ def _refill(model: Transformer, slots: Slots, prompts: Prompts, next_row: Array,
         return one
 
     # Only when a slot takes a row (a loop of no layers otherwise: a `cond` around the buffers made XLA copy them).
-    count = jnp.where(jnp.any(take), slots.k.shape[0], 0)
-    kv, d = slots.k.shape[3], slots.k.shape[5]
-    region = (groups, wg, kv, tp, d)
-    k = _per_layer(slots.k, head(prompts.k), region, count)
-    v = _per_layer(slots.v, head(prompts.v), region, count)
+    # The prompt's Tp slots are in the first block.
+    first_k, first_v = slots.k[0], slots.v[0]
+    count = jnp.where(jnp.any(take), first_k.shape[0], 0)
+    region = (groups, wg, first_k.shape[3], tp, first_k.shape[5])
+    k = (_per_layer(first_k, head(prompts.k), region, count),) + slots.k[1:]
+    v = (_per_layer(first_v, head(prompts.v), region, count),) + slots.v[1:]
     slots = slots._replace(k=k, v=v, key_mask=key_mask, index=jnp.where(take, tp, slots.index), row=row,
                            j=jnp.where(take, 0, slots.j), logits=logits, live=slots.live | take)
     return slots, prompts, next_row + jnp.sum(take, axis=1, dtype=jnp.int32)
@@ -232,10 +235,9 @@ def _pack(slots: Slots, width: int, place: Place) -> Slots:
     def move(l: Array, layer_GrxwgxKVxSxD: Array) -> Array:
         return place(take(layer_GrxwgxKVxSxD))
 
-    count = jnp.where(jnp.any(slots.live), slots.k.shape[0], 0)
-    region = slots.live.shape + slots.k.shape[3:]
-    k, v = _per_layer(slots.k, move, region, count), _per_layer(slots.v, move, region, count)
-    return Slots(k, v, take(slots.key_mask), take(slots.index), take(slots.row), take(slots.j), take(slots.logits),
+    count = jnp.where(jnp.any(slots.live), slots.k[0].shape[0], 0)
+    pack = lambda blocks: tuple(_per_layer(b, move, slots.live.shape + b.shape[3:], count) for b in blocks)  # noqa: E731
+    return Slots(pack(slots.k), pack(slots.v), take(slots.key_mask), take(slots.index), take(slots.row), take(slots.j), take(slots.logits),
                  take(slots.live))
 
 
@@ -269,25 +271,46 @@ class Phase(NamedTuple):
     length: int  # cache slots of the view
 
 
-def _grow(slots: Slots, length: int, place: Place) -> Slots:
-    """The same slots with a view of `length` cache slots (the buffer already has them)."""
+def _kv_blocks(shape: tuple[int, ...], dtype, place: Place) -> tuple[Array, Array]:
+    """A key block and a value block [L, Gr, Wg, KV, S_i, D] (groups are axis 1), filled with 0 and
+    -0: two equal zero arrays were merged by XLA into one, then copied into each buffer (the tiny
+    base's R = 491 call: 111 vs 89 ms on this CPU). (Keys and values each their own buffer: one
+    array for both would make XLA copy it before writing.)"""
+    block = lambda fill: jax.vmap(place)(jnp.full(shape, fill, dtype))  # noqa: E731
+    return block(0.0), block(-0.0)
+
+
+def _grow(slots: Slots, length: int, full: int, place: Place) -> Slots:
+    """The same slots with a view of `length` cache slots; the buffer's second block (up to `full`
+    slots) made on the first growth past the first block."""
     pad = length - slots.key_mask.shape[2]
-    return slots._replace(key_mask=place(jnp.pad(slots.key_mask, [(0, 0), (0, 0), (0, pad)])))
+    slots = slots._replace(key_mask=place(jnp.pad(slots.key_mask, [(0, 0), (0, 0), (0, pad)])))
+    have = sum(b.shape[4] for b in slots.k)
+    if have < length:
+        first = slots.k[0]
+        k, v = _kv_blocks(first.shape[:4] + (full - have,) + first.shape[5:], first.dtype, place)
+        slots = slots._replace(k=slots.k + (k,), v=slots.v + (v,))
+    return slots
 
 
-def _run(phases: list[Phase], body: Callable[[Loop], Loop], tp: int, rows: int, place: Place,
-         loop: Loop) -> Loop:
-    """The phases' loops one after the other (a phase with nothing to do runs no iteration).
+def _run(phases: list[Phase], body: Callable[[Loop], Loop], tp: int, rows: int, full: int, place: Place,
+         loop: Loop) -> tuple[Outputs, Array, Array]:
+    """The phases' loops one after the other (a phase with nothing to do runs no iteration); the
+    outputs, slot-steps and iterations.
 
     A phase ends when a live row needs a longer view than the phase has, or when no row waits
-    and every group's live rows fit the next phase's smaller width."""
+    and every group's live rows fit the next phase's smaller width. Every phase after the first
+    runs inside one `cond` that is entered only while a row is live, so a call whose rows all stop
+    in the first phase never makes the buffer's second block."""
     groups = loop.next_row.shape[0]
-    for i, phase in enumerate(phases):
+
+    def run(i: int, l: Loop) -> Loop:
+        phase = phases[i]
         nxt = phases[i + 1] if i + 1 < len(phases) else None
         grows = nxt is not None and nxt.length > phase.length
         shrinks = nxt is not None and nxt.width < phase.width
 
-        def more(l: Loop, phase=phase, grows=grows, shrinks=shrinks, nxt=nxt) -> Array:
+        def more(l: Loop) -> Array:
             live = l.slots.live
             go = jnp.any(live)
             if grows:
@@ -296,12 +319,26 @@ def _run(phases: list[Phase], body: Callable[[Loop], Loop], tp: int, rows: int, 
                 go &= jnp.any(l.next_row < rows) | jnp.any(jnp.sum(live, axis=1) > nxt.width // groups)
             return go
 
-        loop = jax.lax.while_loop(more, body, loop)
-        if grows:
-            loop = loop._replace(slots=_grow(loop.slots, nxt.length, place))
-        elif shrinks:
-            loop = loop._replace(slots=_pack(loop.slots, nxt.width // groups, place))
-    return loop
+        return jax.lax.while_loop(more, body, l)
+
+    def enter(i: int, l: Loop) -> Loop:
+        """From phase i - 1 into phase i: a longer view, or the live slots packed into fewer."""
+        if phases[i].length > phases[i - 1].length:
+            return l._replace(slots=_grow(l.slots, phases[i].length, full, place))
+        return l._replace(slots=_pack(l.slots, phases[i].width // groups, place))
+
+    def rest(l: Loop) -> tuple[Outputs, Array, Array]:
+        for i in range(1, len(phases)):
+            l = run(i, enter(i, l))
+        return done(l)
+
+    def done(l: Loop) -> tuple[Outputs, Array, Array]:
+        return l.out, l.slot_steps, l.steps
+
+    loop = run(0, loop)
+    if len(phases) == 1:
+        return done(loop)
+    return jax.lax.cond(jnp.any(loop.slots.live), rest, done, loop)
 
 
 def _scanned(model: Transformer) -> Transformer:
@@ -342,13 +379,9 @@ def decode(
               + [Phase(w, lengths[-1]) for w in widths(slots, groups, min_slots_per_device)[1:]])
     stop_len = jnp.full((n,), r, jnp.int32) if stop_len_N is None else stop_len_N.astype(jnp.int32)
     cfg = model.config
-    # Keys and values each their own buffer (one array for both would make XLA copy it before writing),
-    # filled with 0 and -0: two equal zero arrays were merged by XLA into one, then copied into each
-    # buffer (the tiny base's R = 491 call: 111 vs 89 ms on this CPU).
-    buf = lambda fill: jax.vmap(place)(jnp.full((cfg.num_layers, groups, wg, cfg.num_kv_heads, tp + r, cfg.head_dim),  # noqa: E731
-                                                fill, model.dtype))  # groups are axis 1
+    k, v = _kv_blocks((cfg.num_layers, groups, wg, cfg.num_kv_heads, lengths[0], cfg.head_dim), model.dtype, place)
     zeros = place(jnp.zeros((groups, wg), jnp.int32))
-    empty = Slots(buf(0.0), buf(-0.0), place(jnp.zeros((groups, wg, lengths[0]), bool)), zeros + tp, zeros, zeros,
+    empty = Slots((k,), (v,), place(jnp.zeros((groups, wg, lengths[0]), bool)), zeros + tp, zeros, zeros,
                   place(jnp.zeros((groups, wg, cfg.vocab_size), jnp.float32)), zeros.astype(bool))
     shape = (groups, n // groups, r)
     out = Outputs(*(place(x) for x in (jnp.full(shape, lim.pad_id, jnp.int32), jnp.zeros(shape, jnp.int32),
@@ -357,6 +390,6 @@ def decode(
     first, prompts, next_row = _refill(model, empty, prompts, place(jnp.zeros((groups,), jnp.int32)), lim, place)
     zero = jnp.zeros((), jnp.int32)
     body = functools.partial(_iteration, model, choose, key, place(_by_group(stop_len, groups)), lim, place)
-    loop = _run(phases, body, tp, n // groups, place, Loop(first, prompts, out, next_row, zero, zero))
-    flat_out = Outputs(*(x.reshape(n, r) for x in loop.out))
-    return flat_out, loop.slot_steps, loop.steps
+    out, slot_steps, steps = _run(phases, body, tp, n // groups, tp + r, place,
+                                  Loop(first, prompts, out, next_row, zero, zero))
+    return Outputs(*(x.reshape(n, r) for x in out)), slot_steps, steps

@@ -273,14 +273,15 @@ def test_generate_cli_json(qwen_dir, capsys):
 
 def test_eight_devices_continuous_batching_equals_one_device(qwen_dir):
     """4 batch devices, 1 slot each (every device refills from its own prompts, then packs): the
-    same sampled rollout as one device decoding every row at once (draws keyed by row, position)."""
+    same sampled rollout as one device decoding every row at once (draws keyed by row, position).
+    One row runs past the cache's first block (64 response tokens), on the first device only."""
     ids, mask = left_padded_batch([5, 2, 4, 3], 96, seed=3)
-    stops = np.array([2, 7, 1, 4, 6, 3, 5, 1])
+    stops = np.array([2, 70, 1, 4, 6, 3, 5, 1])
     single, _ = load_pretrained(qwen_dir)
-    want = sample(single, ids, mask, jax.random.key(2), SamplingConfig(8, num_samples=2), stop_lengths_N=stops)
+    want = sample(single, ids, mask, jax.random.key(2), SamplingConfig(72, num_samples=2), stop_lengths_N=stops)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     sharded, _ = load_pretrained(qwen_dir, mesh=mesh)
-    got = sample(sharded, ids, mask, jax.random.key(2), SamplingConfig(8, num_samples=2, slots=4), mesh=mesh,
+    got = sample(sharded, ids, mask, jax.random.key(2), SamplingConfig(72, num_samples=2, slots=4), mesh=mesh,
                  stop_lengths_N=stops)
     np.testing.assert_array_equal(np.asarray(got.lengths), stops)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))

@@ -141,11 +141,27 @@ def materialised(q: Array, k: Array, v: Array, allowed_BxTxS: Array, scale: floa
     return jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dt))
 
 
-def decode_attention(q: Array, k: Array, v: Array, mask: Mask, scale: float | None = None,
-                     softcap: float | None = None) -> Array:
+def decode_attention(q: Array, k: Array | tuple[Array, ...], v: Array | tuple[Array, ...], mask: Mask,
+                     scale: float | None = None, softcap: float | None = None) -> Array:
     """One new query per row (the sampler's decode step) over every slot of the cache (a
-    sliding-window layer's mask leaves out the slots before its window)."""
-    return materialised(q, k, v, mask.allowed(q.shape[3]), scale, softcap)
+    sliding-window layer's mask leaves out the slots before its window).
+
+    `k`, `v`: [B, KV, S, D], or consecutive parts [B, KV, S_i, D] of the slots (the decode engine's
+    cache blocks), joined only in the [.., S] scores of the one query: no copy of the keys."""
+    if not isinstance(k, tuple):
+        return materialised(q, k, v, mask.allowed(q.shape[3]), scale, softcap)
+    dt, d = q.dtype, q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    scores = jnp.concatenate([jnp.einsum("bkgtd,bksd->bkgts", q, part.astype(dt), preferred_element_type=jnp.float32)
+                              for part in k], axis=-1)
+    scores = jnp.where(mask.allowed(q.shape[3])[:, None, None], _cap(scores * scale, softcap), MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out, start = 0, 0
+    for part in v:
+        size = part.shape[2]
+        out = out + jnp.einsum("bkgts,bksd->bkgtd", probs[..., start:start + size], part.astype(dt))
+        start += size
+    return out
 
 
 # ---------------------------------------------------------------------- blockwise (flash) attention

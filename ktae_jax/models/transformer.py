@@ -218,7 +218,7 @@ def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.
         one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[options.remat],
                                    prevent_cse=not options.scan_layers)  # a scan needs no CSE barrier
 
-    if cache is not None and cache.k.ndim == 6:
+    if cache is not None and isinstance(cache.k, tuple):
         return _run_layers_grouped(one_layer, params, num_layers, per_layer, x, mask, cache, options)
 
     def body(carry, xs):
