@@ -9,7 +9,8 @@ import collections
 import json
 import pathlib
 
-from ktae_jax.rewards import GraderPool
+from ktae_jax.rewards import GraderPool, equivalence
+from ktae_jax.rewards.equivalence import CHECK_TIMEOUT_S
 
 DISAGREEMENTS = pathlib.Path(__file__).parent / "data" / "grader_disagreements.json"
 
@@ -37,9 +38,28 @@ def test_agreement_with_the_papers_grader(shared_dir):
     assert agreement >= 0.98
 
     found = {i for i, (r, s) in enumerate(zip(rows, result.scores)) if s != r["reward"]}
+    # A symbolic check that needs more than its CPU-time limit scores 0, in the paper's grader too;
+    # on a slower CPU than usual a correct answer's check can run out (row 647, a math-verify check
+    # of fractional powers: 1.31 s of CPU on this machine on Dec 2, under 1 s on other days). Such
+    # a row must agree when graded again with 3x the limit; any other disagreement fails.
+    slow = {i for i in found - set(listed)
+            if _graded_with_limit(rows[i], 3 * CHECK_TIMEOUT_S) == rows[i]["reward"]}
+    if slow:
+        print(f"agree only with 3x the CPU-time limit on this machine: {sorted(slow)}")
+    found -= slow
     unexplained = sorted(found - set(listed))
     assert not unexplained, [(i, rows[i]["gt"], rows[i]["reward"]) for i in unexplained]
     stale = sorted(set(listed) - found)
     assert not stale, f"listed disagreements that no longer disagree: {stale}"
     for i in found:
         assert listed[i]["ours"] == result.scores[i] and listed[i]["paper"] == rows[i]["reward"]
+
+
+def _graded_with_limit(row: dict, limit_s: float) -> float:
+    """The row graded in this process (the main thread: the CPU-time limit applies) with `limit_s`."""
+    before = equivalence.CHECK_TIMEOUT_S
+    equivalence.CHECK_TIMEOUT_S = limit_s
+    try:
+        return equivalence.grade_response(row["response"], row["gt"])
+    finally:
+        equivalence.CHECK_TIMEOUT_S = before
