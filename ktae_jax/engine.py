@@ -237,8 +237,8 @@ def _pack(slots: Slots, width: int, place: Place) -> Slots:
 
     count = jnp.where(jnp.any(slots.live), slots.k[0].shape[0], 0)
     pack = lambda blocks: tuple(_per_layer(b, move, slots.live.shape + b.shape[3:], count) for b in blocks)  # noqa: E731
-    return Slots(pack(slots.k), pack(slots.v), take(slots.key_mask), take(slots.index), take(slots.row), take(slots.j), take(slots.logits),
-                 take(slots.live))
+    return Slots(pack(slots.k), pack(slots.v), take(slots.key_mask), take(slots.index), take(slots.row), take(slots.j),
+                 take(slots.logits), take(slots.live))
 
 
 def widths(slots: int, batch_devices: int, min_per_device: int) -> list[int]:
