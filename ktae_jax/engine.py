@@ -327,13 +327,13 @@ def _run(phases: list[Phase], body: Callable[[Loop], Loop], tp: int, rows: int, 
             return l._replace(slots=_grow(l.slots, phases[i].length, full, place))
         return l._replace(slots=_pack(l.slots, phases[i].width // groups, place))
 
+    def done(l: Loop) -> tuple[Outputs, Array, Array]:
+        return l.out, l.slot_steps, l.steps
+
     def rest(l: Loop) -> tuple[Outputs, Array, Array]:
         for i in range(1, len(phases)):
             l = run(i, enter(i, l))
         return done(l)
-
-    def done(l: Loop) -> tuple[Outputs, Array, Array]:
-        return l.out, l.slot_steps, l.steps
 
     loop = run(0, loop)
     if len(phases) == 1:

@@ -10,7 +10,6 @@ import json
 import pathlib
 
 from ktae_jax.rewards import GraderPool, equivalence
-from ktae_jax.rewards.equivalence import CHECK_TIMEOUT_S
 
 DISAGREEMENTS = pathlib.Path(__file__).parent / "data" / "grader_disagreements.json"
 
@@ -43,7 +42,7 @@ def test_agreement_with_the_papers_grader(shared_dir):
     # of fractional powers: 1.31 s of CPU on this machine on Dec 2, under 1 s on other days). Such
     # a row must agree when graded again with 3x the limit; any other disagreement fails.
     slow = {i for i in found - set(listed)
-            if _graded_with_limit(rows[i], 3 * CHECK_TIMEOUT_S) == rows[i]["reward"]}
+            if _graded_with_limit(rows[i], 3 * equivalence.CHECK_TIMEOUT_S) == rows[i]["reward"]}
     if slow:
         print(f"agree only with 3x the CPU-time limit on this machine: {sorted(slow)}")
     found -= slow

@@ -26,6 +26,7 @@ one-query step of the sampler, kept apart so that changes to it stay local.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import NamedTuple
 
 import jax
@@ -130,38 +131,30 @@ def _cap(scores: Array, softcap: float | None) -> Array:
     return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
 
 
-def materialised(q: Array, k: Array, v: Array, allowed_BxTxS: Array, scale: float | None = None,
-                 softcap: float | None = None) -> Array:
-    """The reference: softmax of the whole [T, S] score matrix per head."""
+def materialised(q: Array, k: Array | tuple[Array, ...], v: Array | tuple[Array, ...], allowed_BxTxS: Array,
+                 scale: float | None = None, softcap: float | None = None) -> Array:
+    """The reference: softmax of the whole [T, S] score matrix per head.
+
+    `k`, `v`: [B, KV, S, D], or consecutive parts [B, KV, S_i, D] of the S slots (the decode
+    engine's cache blocks), joined only in the [T, S] scores: the keys are not copied into one array."""
     dt, d = q.dtype, q.shape[-1]
     scale = d**-0.5 if scale is None else scale
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
+    k_parts, v_parts = (k, v) if isinstance(k, tuple) else ((k,), (v,))
+    scores = jnp.concatenate([jnp.einsum("bkgtd,bksd->bkgts", q, part.astype(dt), preferred_element_type=jnp.float32)
+                              for part in k_parts], axis=-1)
     scores = jnp.where(allowed_BxTxS[:, None, None], _cap(scores * scale, softcap), MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dt))
+    starts = np.cumsum([0] + [part.shape[2] for part in v_parts])
+    return functools.reduce(operator.add, (jnp.einsum("bkgts,bksd->bkgtd", probs[..., a:b], part.astype(dt))
+                                           for a, b, part in zip(starts[:-1], starts[1:], v_parts)))
 
 
 def decode_attention(q: Array, k: Array | tuple[Array, ...], v: Array | tuple[Array, ...], mask: Mask,
                      scale: float | None = None, softcap: float | None = None) -> Array:
     """One new query per row (the sampler's decode step) over every slot of the cache (a
-    sliding-window layer's mask leaves out the slots before its window).
-
-    `k`, `v`: [B, KV, S, D], or consecutive parts [B, KV, S_i, D] of the slots (the decode engine's
-    cache blocks), joined only in the [.., S] scores of the one query: no copy of the keys."""
-    if not isinstance(k, tuple):
-        return materialised(q, k, v, mask.allowed(q.shape[3]), scale, softcap)
-    dt, d = q.dtype, q.shape[-1]
-    scale = d**-0.5 if scale is None else scale
-    scores = jnp.concatenate([jnp.einsum("bkgtd,bksd->bkgts", q, part.astype(dt), preferred_element_type=jnp.float32)
-                              for part in k], axis=-1)
-    scores = jnp.where(mask.allowed(q.shape[3])[:, None, None], _cap(scores * scale, softcap), MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out, start = 0, 0
-    for part in v:
-        size = part.shape[2]
-        out = out + jnp.einsum("bkgts,bksd->bkgtd", probs[..., start:start + size], part.astype(dt))
-        start += size
-    return out
+    sliding-window layer's mask leaves out the slots before its window); the cache whole or in
+    parts (`materialised`)."""
+    return materialised(q, k, v, mask.allowed(q.shape[3]), scale, softcap)
 
 
 # ---------------------------------------------------------------------- blockwise (flash) attention
