@@ -14,7 +14,7 @@ from ktae_jax.rewards import GraderPool, equivalence
 DISAGREEMENTS = pathlib.Path(__file__).parent / "data" / "grader_disagreements.json"
 
 
-def test_agreement_with_the_papers_grader(shared_dir):
+def test_agreement_with_the_papers_grader(shared_dir, monkeypatch):
     with open(shared_dir / "grader" / "grpo_ktae_7b_outputs.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == 1560
@@ -41,8 +41,9 @@ def test_agreement_with_the_papers_grader(shared_dir):
     # on a slower CPU than usual a correct answer's check can run out (row 647, a math-verify check
     # of fractional powers: 1.31 s of CPU on this machine on Dec 2, under 1 s on other days). Such
     # a row must agree when graded again with 3x the limit; any other disagreement fails.
-    slow = {i for i in found - set(listed)
-            if _graded_with_limit(rows[i], 3 * equivalence.CHECK_TIMEOUT_S) == rows[i]["reward"]}
+    monkeypatch.setattr(equivalence, "CHECK_TIMEOUT_S", 3 * equivalence.CHECK_TIMEOUT_S)
+    slow = {i for i in found - set(listed)  # graded here, on the main thread: the CPU-time limit applies
+            if equivalence.grade_response(rows[i]["response"], rows[i]["gt"]) == rows[i]["reward"]}
     if slow:
         print(f"agree only with 3x the CPU-time limit on this machine: {sorted(slow)}")
     found -= slow
@@ -53,12 +54,3 @@ def test_agreement_with_the_papers_grader(shared_dir):
     for i in found:
         assert listed[i]["ours"] == result.scores[i] and listed[i]["paper"] == rows[i]["reward"]
 
-
-def _graded_with_limit(row: dict, limit_s: float) -> float:
-    """The row graded in this process (the main thread: the CPU-time limit applies) with `limit_s`."""
-    before = equivalence.CHECK_TIMEOUT_S
-    equivalence.CHECK_TIMEOUT_S = limit_s
-    try:
-        return equivalence.grade_response(row["response"], row["gt"])
-    finally:
-        equivalence.CHECK_TIMEOUT_S = before
