@@ -246,8 +246,8 @@ def _run_layers_grouped(one_layer, params, num_layers: int, per_layer, x: Array,
                         cache: KVCache, options: ModelOptions) -> tuple[Array, KVCache]:
     """The layers over the decode engine's grouped buffer (its `Blocks`): each layer reads its view
     of the buffer (not carried by the loop) and returns its new keys/values, written into the
-    buffer once after the loop. (Carried and written per layer, the buffer was copied whole at every layer by XLA:
-    the read of a layer's view and the in-place write could not be ordered.)"""
+    buffer once after the loop. (Carried and written per layer, the buffer was copied whole at
+    every layer by XLA: the read of a layer's view and the in-place write could not be ordered.)"""
     def body(x, xs):
         layer_params, i, extra = xs
         take = lambda c: layer_view(c, i, x.shape[0], mask.key_mask.shape[1])  # noqa: E731
