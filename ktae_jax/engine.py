@@ -10,7 +10,8 @@ every loop iteration gives each live slot one token:
   1. CHOOSE   a token from the slot's logits (uniform draw keyed by (row, position), so the draw of
               a row does not depend on which slot serves it or when); write it to the row's output.
   2. FORWARD  the chosen tokens one position (`KVCache` with per-row indices: each slot writes at
-              its own position; attention reads only the current view of the cache).
+              its own position; attention reads only the current view of the cache, and past its
+              first block, on CPU, each row only up to its own position: `ModelOptions.decode_attention`).
   3. REFILL   slots whose row stopped take their group's next waiting rows: the prompt's prefilled
               keys are copied into the slot's first Tp cache slots, its first logits are the prompt's.
 The keys and values live in one buffer [L, Gr, Wg, KV, S, D] for the whole call, updated in place,
@@ -18,8 +19,8 @@ made in two blocks along S: the first s0 = Tp + 64 slots, and the rest, made onl
 outgrows the first (rows that all stop within 64 tokens never pay for a cache of Tp + R).
 The program runs in phases of static shapes, each a view of that buffer: the first wg slots of
 each group and the first s cache slots. The view starts with room for 64 response tokens and grows
-2x (to R) only when a live row needs it, so a step's attention cost follows the longest live row,
-not R. Then, when no rows wait and every group's live slots fit half the width, each group packs
+2x (to R) only when a live row needs it, so a step's attention cost follows the longest live row
+(each row's own length with ragged decode attention), not R. Then, when no rows wait and every group's live slots fit half the width, each group packs
 its live slots to the front (in place, one layer at a time) and the view narrows (down to a
 quarter, and never below `min_slots_per_device`), so the long tail of a long-tailed length
 distribution runs on a smaller batch.
@@ -215,7 +216,10 @@ def _iteration(model: Transformer, choose: Choose, key: Array, stop_len: Array, 
     live = s.live & ~stop
     # 2. FORWARD (every slot of the view: a batch of fixed width; stopped slots' results are never read)
     length = jnp.take_along_axis(prompts.length, jnp.clip(s.row // lim.group, 0, prompts.length.shape[1] - 1), axis=1)
-    cache = KVCache(s.k, s.v, flat(s.key_mask), flat(s.index))  # a grouped buffer: the model reads the view
+    # A grouped buffer: the model reads the view. Slots with no live row forward at the response's first
+    # slot (their results are never read), so that attention bounded per row spends nothing on them.
+    tp = prompts.mask.shape[2]
+    cache = KVCache(s.k, s.v, flat(s.key_mask), flat(jnp.where(live, s.index, tp)))
     logits, cache = model(flat(tok)[:, None], jnp.ones((groups * wg, 1), jnp.int32),
                           positions=flat(length + s.j)[:, None], cache=cache)
     regroup = lambda x: place(x.reshape(groups, wg, *x.shape[1:]))  # noqa: E731
@@ -254,8 +258,8 @@ def widths(slots: int, batch_devices: int, min_per_device: int) -> list[int]:
 def cache_lengths(prompt_len: int, max_new: int) -> list[int]:
     """The cache views the engine grows through: room for 64, 128, 256, ... response tokens, then R.
 
-    A view is only as long as the longest live row needs (within 2x), and attention reads the
-    whole view: a step's cost follows the longest live row, not R."""
+    A view is only as long as the longest live row needs (within 2x), and dense decode attention
+    reads the whole view: a step's cost follows the longest live row, not R (ragged: each row's own)."""
     out, room = [], _FIRST_ROOM
     while room < max_new:
         out.append(prompt_len + room)

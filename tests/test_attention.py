@@ -21,6 +21,7 @@ from ktae_jax.mesh import MeshConfig, batch_sharding, make_mesh, state_shardings
 from ktae_jax.models import ModelConfig, init_random, response_logprobs, token_logprobs
 from ktae_jax.models import attention as attn_lib
 from ktae_jax.models.config import ConfigError, ModelOptions
+from ktae_jax.models.kv_cache import LayerBlocks
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -139,11 +140,62 @@ def test_model_values_and_gradients_equal_the_materialised_path(options, shared)
         np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
+def _engine_decode_case(groups, window, softcap, seed=0):
+    """The engine's decode step in its buffer: 2 layers, blocks of 6 and 13 slots, a view of 17 slots
+    and 3 of each group's 4 slots; rows whose new token sits in either block (or at the second's
+    first slot), left padding in the prompt slots."""
+    lay, wg_all, kv, g, d, sizes, view = 2, 4, 2, 3, 8, (6, 13), 17
+    rng = np.random.default_rng(seed)
+    blocks = lambda: tuple(jnp.asarray(rng.standard_normal((lay, groups, wg_all, kv, s, d)), jnp.float32)  # noqa: E731
+                           for s in sizes)
+    kb, vb = blocks(), blocks()
+    b = groups * 3
+    index = np.array([4, 6, 16, 7, 11, 5][:b], np.int32)  # the new token's slot per row
+    key_mask = np.arange(view)[None] >= rng.integers(0, 3, b)[:, None]  # left padding
+    q = jnp.asarray(rng.standard_normal((b, kv, g, 1, d)), jnp.float32)
+    k_new, v_new = (jnp.asarray(rng.standard_normal((b, kv, 1, d)), jnp.float32) for _ in range(2))
+    mask = attn_lib.Mask(jnp.asarray(key_mask), jnp.asarray(index), window=window)
+    return q, k_new, v_new, LayerBlocks(kb, vb, jnp.int32(1)), mask
+
+
+def _engine_decode_reference(q, k_new, v_new, cache, mask, softcap):
+    """Row by row in NumPy: a softmax over the row's real keys in slots before its own (within the
+    window) and its own new key."""
+    k_all, v_all = (np.concatenate([np.asarray(x) for x in blocks], axis=4)[1] for blocks in (cache.k, cache.v))
+    wg = q.shape[0] // k_all.shape[0]
+    out = np.zeros(q.shape, np.float64)
+    for r in range(q.shape[0]):
+        idx = int(mask.first_slot[r])
+        seen = [s for s in range(idx) if mask.key_mask[r, s] and (mask.window is None or s > idx - mask.window)]
+        keys = np.concatenate([k_all[r // wg, r % wg][:, seen], np.asarray(k_new[r])], axis=1)  # [KV, n, D]
+        values = np.concatenate([v_all[r // wg, r % wg][:, seen], np.asarray(v_new[r])], axis=1)
+        scores = np.einsum("kgd,knd->kgn", np.asarray(q[r, :, :, 0], np.float64), keys) / np.sqrt(q.shape[-1])
+        if softcap is not None:
+            scores = softcap * np.tanh(scores / softcap)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        out[r, :, :, 0] = np.einsum("kgn,knd->kgd", p / p.sum(-1, keepdims=True), values)
+    return out
+
+
+@pytest.mark.parametrize("groups,window,softcap", [(1, None, None), (2, None, None), (1, 5, None), (2, None, 3.0)])
+@pytest.mark.parametrize("ragged,block", [(False, 128), (True, 4), (True, 128)])  # pieces of 4: 11 % 4 = 3
+def test_engine_decode_attention_reads_each_rows_own_keys(groups, window, softcap, ragged, block):
+    q, k_new, v_new, cache, mask = _engine_decode_case(groups, window, softcap)
+    want = _engine_decode_reference(q, k_new, v_new, cache, mask, softcap)
+    fn = functools.partial(attn_lib.engine_decode_attention, ragged=ragged, block=block, softcap=softcap)
+    got = jax.jit(fn)(q, k_new, v_new, cache, mask)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
 def test_bad_options_are_named():
     with pytest.raises(ConfigError, match="model.attention='flash'"):
         ModelOptions(attention="flash")
     with pytest.raises(ConfigError, match="model.remat='some'"):
         ModelOptions(remat="some")
+    with pytest.raises(ConfigError, match="model.decode_attention='paged'"):
+        ModelOptions(decode_attention="paged")
+    assert ModelOptions(platform="cpu").ragged_decode() and not ModelOptions(platform="gpu").ragged_decode()
+    assert not ModelOptions(decode_attention="dense", platform="cpu").ragged_decode()
     with pytest.raises(ValueError, match="cudnn needs bfloat16"):
         attn_lib.resolve("cudnn", "gpu", dtype=jnp.float32)
     assert attn_lib.resolve("auto", "tpu") == "pallas"

@@ -40,6 +40,9 @@ class ModelSection:
     attention: Literal["auto", "xla", "blockwise", "cudnn", "pallas"] = "auto"
     attention_block: int = 512  # keys per block of the blockwise attention
     remat: Literal["none", "full", "dots"] = "none"  # what the backward keeps per layer (full: only its input)
+    # the sampler's decode step past the cache's first block: each row up to its own length (ragged,
+    # auto's choice on CPU) or every row over the longest's (dense, auto's choice on GPU/TPU)
+    decode_attention: Literal["auto", "dense", "ragged"] = "auto"
     # the layer stack as one lax.scan (compile time flat in depth) or unrolled; null = by platform:
     # scanned on TPU/GPU, unrolled on CPU (the small models' update runs ~20 % faster there unrolled);
     # the sampler's decode steps scan either way (`engine._scanned`: 1.7x faster on this CPU)
@@ -54,7 +57,7 @@ class ModelSection:
         platform = "" if mesh is None else mesh.devices.flat[0].platform
         scan = self.scan_layers if self.scan_layers is not None else (platform or jax.default_backend()) != "cpu"
         return ModelOptions(attention=self.attention, attention_block=self.attention_block, remat=self.remat,
-                            scan_layers=scan, platform=platform, mesh=mesh)
+                            decode_attention=self.decode_attention, scan_layers=scan, platform=platform, mesh=mesh)
 
 
 @dataclasses.dataclass(frozen=True)

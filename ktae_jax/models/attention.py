@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ktae_jax.models.kv_cache import LayerBlocks, layer_view
+
 Array = jax.Array
 MASKED = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax, not NaN
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "pallas")
@@ -131,30 +133,120 @@ def _cap(scores: Array, softcap: float | None) -> Array:
     return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
 
 
-def materialised(q: Array, k: Array | tuple[Array, ...], v: Array | tuple[Array, ...], allowed_BxTxS: Array,
-                 scale: float | None = None, softcap: float | None = None) -> Array:
-    """The reference: softmax of the whole [T, S] score matrix per head.
-
-    `k`, `v`: [B, KV, S, D], or consecutive parts [B, KV, S_i, D] of the S slots (the decode
-    engine's cache blocks), joined only in the [T, S] scores: the keys are not copied into one array."""
+def materialised(q: Array, k: Array, v: Array, allowed_BxTxS: Array, scale: float | None = None,
+                 softcap: float | None = None) -> Array:
+    """The reference: softmax of the whole [T, S] score matrix per head."""
     dt, d = q.dtype, q.shape[-1]
     scale = d**-0.5 if scale is None else scale
-    k_parts, v_parts = (k, v) if isinstance(k, tuple) else ((k,), (v,))
-    scores = jnp.concatenate([jnp.einsum("bkgtd,bksd->bkgts", q, part.astype(dt), preferred_element_type=jnp.float32)
-                              for part in k_parts], axis=-1)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
     scores = jnp.where(allowed_BxTxS[:, None, None], _cap(scores * scale, softcap), MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    starts = np.cumsum([0] + [part.shape[2] for part in v_parts])
-    return functools.reduce(operator.add, (jnp.einsum("bkgts,bksd->bkgtd", probs[..., a:b], part.astype(dt))
-                                           for a, b, part in zip(starts[:-1], starts[1:], v_parts)))
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dt))
 
 
-def decode_attention(q: Array, k: Array | tuple[Array, ...], v: Array | tuple[Array, ...], mask: Mask,
-                     scale: float | None = None, softcap: float | None = None) -> Array:
-    """One new query per row (the sampler's decode step) over every slot of the cache (a
-    sliding-window layer's mask leaves out the slots before its window); the cache whole or in
-    parts (`materialised`)."""
+def decode_attention(q: Array, k: Array, v: Array, mask: Mask, scale: float | None = None,
+                     softcap: float | None = None) -> Array:
+    """One new query per row over every slot of a plain cache (a sliding-window layer's mask
+    leaves out the slots before its window). The decode engine's step: `engine_decode_attention`."""
     return materialised(q, k, v, mask.allowed(q.shape[3]), scale, softcap)
+
+
+def engine_decode_attention(q: Array, k_new: Array, v_new: Array, cache: LayerBlocks, mask: Mask, ragged: bool,
+                            block: int = 128, scale: float | None = None, softcap: float | None = None) -> Array:
+    """The decode engine's step: one new query per row, q [B, KV, G, 1, D], over the row's cache
+    slots before its own (`mask.first_slot` [B], the new token's slot) and its own new key/value
+    `k_new`/`v_new` [B, KV, 1, D] (written into the cache after the layer loop, so not read from it).
+
+    The cache's first block (the prompt and the first response tokens, which every row has) is read
+    as one batch over the view. The later blocks: `ragged` False, the same (every row reads the whole
+    view: the cost follows the longest row); `ragged` True, row by row, each row only up to its own
+    slot in `block`-slot pieces, with an online softmax (the cost follows each row's length, at a
+    small fixed cost per row and piece: faster on CPU once rows' lengths differ, slow on GPU/TPU)."""
+    dt, b, d = q.dtype, q.shape[0], q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    view = mask.key_mask.shape[1]
+    parts_k, parts_v = (layer_view(c, cache.layer, b, view) for c in (cache.k, cache.v))
+    dense = 1 if ragged else len(parts_k)
+    width = sum(part.shape[2] for part in parts_k[:dense])
+    slot = jnp.arange(width, dtype=jnp.int32)[None]
+    index = mask.first_slot[:, None]
+    allowed = mask.key_mask[:, :width] & (slot < index)
+    if mask.window is not None:
+        allowed &= slot > index - mask.window
+    allowed = jnp.concatenate([jnp.ones((b, 1), bool), allowed], axis=1)  # the row's own new key first
+    scores = jnp.concatenate([jnp.einsum("bkgtd,bksd->bkgts", q, part.astype(dt), preferred_element_type=jnp.float32)
+                              for part in (k_new,) + parts_k[:dense]], axis=-1)
+    scores = jnp.where(allowed[:, None, None, None], _cap(scores * scale, softcap), MASKED)
+    m = scores.max(-1)
+    probs = jnp.exp(scores - m[..., None])
+    starts = np.cumsum([0] + [part.shape[2] for part in (v_new,) + parts_v[:dense]])
+    acc = functools.reduce(operator.add, (
+        jnp.einsum("bkgts,bksd->bkgtd", probs[..., a:c].astype(dt), part.astype(dt), preferred_element_type=jnp.float32)
+        for a, c, part in zip(starts[:-1], starts[1:], (v_new,) + parts_v[:dense])))
+    stats = (m[..., 0], probs.sum(-1)[..., 0], acc[..., 0, :])  # [B, KV, G], [B, KV, G], [B, KV, G, D]
+    if dense < len(parts_k):
+        stats = _ragged_rest(q[..., 0, :], cache, mask, width, block, scale, softcap, stats)
+    _, l, acc = stats
+    return (acc / l[..., None])[..., None, :].astype(dt)
+
+
+def _ragged_rest(q: Array, cache: LayerBlocks, mask: Mask, start: int, block: int, scale: float,
+                 softcap: float | None, stats: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+    """The online softmax's (max, sum, weighted values) of each row carried over its cache slots
+    from `start` up to its own, row by row and `block` slots at a time, within each group of the
+    engine's buffer (groups are the batch devices: no row's keys cross a device). q [B, KV, G, D]."""
+    groups = cache.k[0].shape[1]
+    wg = q.shape[0] // groups  # the view's slots per group: the buffer's first wg
+    view = mask.key_mask.shape[1]
+    window = None if mask.window is None else jnp.asarray(mask.window, jnp.int32)
+    by_group = lambda x: x.reshape(groups, wg, *x.shape[1:])  # noqa: E731
+
+    def one_group(q, key_mask, index, stats, k_blocks, v_blocks):  # a group's rows; blocks [L, Wg, KV, S_i, D]
+        def row(i, carry):
+            r = order[i]
+            m, l, acc = (x[r] for x in carry)
+            qr = q[r].astype(jnp.float32)
+            at = start
+            for kb, vb in zip(k_blocks, v_blocks):
+                size = min(kb.shape[3], view - at)
+                if size <= 0:
+                    break
+                piece = min(block, size)
+                todo = jnp.clip(index[r] - at, 0, size)
+
+                def step(j, c, kb=kb, vb=vb, at=at, size=size, piece=piece):
+                    m, l, acc = c
+                    lo = jnp.minimum(j * piece, size - piece)  # the last piece ends at the view's end
+                    take = lambda buf: jax.lax.dynamic_slice(  # noqa: E731
+                        buf, (cache.layer, r, 0, lo, 0), (1, 1) + buf.shape[2:3] + (piece,) + buf.shape[4:])[0, 0]
+                    slot = at + lo + jnp.arange(piece, dtype=jnp.int32)
+                    ok = (jax.lax.dynamic_slice(key_mask[r], (at + lo,), (piece,)) & (slot >= at + j * piece)
+                          & (slot < index[r]))
+                    if window is not None:
+                        ok &= slot > index[r] - window
+                    s = jnp.einsum("kgd,ksd->kgs", qr, take(kb).astype(jnp.float32))
+                    s = jnp.where(ok, _cap(s * scale, softcap), -jnp.inf)
+                    m_new = jnp.maximum(m, s.max(-1))  # finite: m already holds the row's own key
+                    p = jnp.exp(s - m_new[..., None])
+                    alpha = jnp.exp(m - m_new)
+                    pv = jnp.einsum("kgs,ksd->kgd", p, take(vb).astype(jnp.float32))
+                    return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+                m, l, acc = jax.lax.fori_loop(0, (todo + piece - 1) // piece, step, (m, l, acc))
+                at += kb.shape[3]
+            return tuple(x.at[r].set(y) for x, y in zip(carry, (m, l, acc)))
+
+        need = index > start  # rows with keys past the first block; only they are visited
+        order = jnp.argsort(~need, stable=True)
+        return jax.lax.fori_loop(0, jnp.sum(need, dtype=jnp.int32), row, stats)
+
+    args = (by_group(q), by_group(mask.key_mask), by_group(mask.first_slot), tuple(by_group(x) for x in stats))
+    rest = lambda blocks: tuple(b[:, 0] if groups == 1 else b for b in blocks[1:])  # noqa: E731
+    if groups == 1:
+        out = one_group(*(jax.tree.map(lambda x: x[0], args)), rest(cache.k), rest(cache.v))
+        return tuple(x.reshape(-1, *x.shape[1:]) for x in out)
+    out = jax.vmap(one_group, in_axes=(0, 0, 0, 0, 1, 1))(*args, rest(cache.k), rest(cache.v))
+    return tuple(x.reshape(-1, *x.shape[2:]) for x in out)
 
 
 # ---------------------------------------------------------------------- blockwise (flash) attention

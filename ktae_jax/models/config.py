@@ -31,6 +31,7 @@ UNBOUNDED = 2**30  # the window of a full-attention layer in the per-layer windo
 
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cudnn", "pallas")
+DECODE_ATTENTION = ("auto", "dense", "ragged")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,10 @@ class ModelOptions:
     remat: what the backward pass keeps per layer: `none` (everything), `full` (only the layer's
     input; all recomputed), `dots` (matmul outputs without batch dimensions: the projections).
     scan_layers: the layer stack as one `lax.scan` (compile time independent of depth) or unrolled.
+    decode_attention: the decode engine's step over its cache past the first block: `dense` (every
+    row reads the whole view), `ragged` (each row up to its own length, row by row), `auto` (ragged
+    on CPU, dense on GPU/TPU, where a loop of small per-row pieces would leave the device idle);
+    see `attention.engine_decode_attention`.
     platform: the target for `auto` ('cpu', 'gpu', 'tpu'); "" = JAX's default backend when traced.
     mesh: the device mesh a run uses, for kernels that must be placed by hand (Pallas: `shard_map`
     over the batch and head splits); None on one device.
@@ -54,13 +59,24 @@ class ModelOptions:
     attention: str = "auto"
     attention_block: int = 512  # keys per block of the blockwise implementation
     remat: str = "none"
+    decode_attention: str = "auto"
     scan_layers: bool = True
     platform: str = ""
     mesh: Any = None  # a jax.sharding.Mesh (hashable, static like the rest)
 
+    def ragged_decode(self) -> bool:
+        """Whether the decode engine's step reads each row's cache up to its own length (`decode_attention`)."""
+        if self.decode_attention == "auto":
+            import jax
+
+            return (self.platform or jax.default_backend()) == "cpu"
+        return self.decode_attention == "ragged"
+
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"model.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise ConfigError(f"model.decode_attention={self.decode_attention!r}: expected one of {DECODE_ATTENTION}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"model.remat={self.remat!r}: expected one of {REMAT_POLICIES}")
         if self.attention_block < 1:

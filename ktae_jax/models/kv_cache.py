@@ -28,8 +28,7 @@ def write_new(cache: Array | Blocks, new: Array, first_slot, layer: Array | None
     """`new` keys/values [B, KV, T, D] written into `cache` ([B, KV, S, D], or [L, B, KV, S, D] at
     `layer`) from slot `first_slot`: one slot for all rows, or one per row ([B], with T = 1).
     The decode engine's cache: its blocks [L, Gr, Wg, KV, S_i, D] with `new` [L, B, KV, 1, D]
-    (every layer at once), or a layer's view in parts [B, KV, S_i, D]; each row's slot is written
-    in the part that holds it."""
+    (every layer at once); each row's slot is written in the block that holds it."""
     lead = () if layer is None else (layer,)
     if isinstance(cache, tuple):
         out, start = [], 0
@@ -78,6 +77,15 @@ class KVCache(NamedTuple):
         rep = lambda x: constrain(jnp.repeat(x, k, axis=0))  # noqa: E731
         per_layer = lambda x: jax.vmap(rep)(x)  # noqa: E731  (rows are axis 1 of [L, B, ...])
         return KVCache(per_layer(self.k), per_layer(self.v), rep(self.key_mask), self.index)
+
+
+class LayerBlocks(NamedTuple):
+    """Layer `layer` of the decode engine's blocks, not sliced: its decode attention takes each
+    row's keys from them (`attention.engine_decode_attention`)."""
+
+    k: Blocks
+    v: Blocks
+    layer: Array  # int32 scalar
 
 
 def layer_view(cache: Array | Blocks, layer: Array, rows: int, slots: int) -> Array | tuple[Array, ...]:

@@ -26,7 +26,7 @@ from flax import nnx
 from ktae_jax.models import attention as attn_lib
 from ktae_jax.models.config import ModelConfig, ModelOptions
 from ktae_jax.models.families import ACTIVATIONS
-from ktae_jax.models.kv_cache import Constrain, KVCache, layer_view, unconstrained, write_new
+from ktae_jax.models.kv_cache import Constrain, KVCache, LayerBlocks, layer_view, unconstrained, write_new
 
 Array = jax.Array
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -126,16 +126,18 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = _rope(q, cos[:, None, None], sin[:, None, None])
         k = _rope(k, cos[:, None], sin[:, None])
-        keys, values = k, v
-        if cache_kv is not None:
-            # The new keys written at `first_slot`; attend over every slot of the cache.
-            keys = write_new(cache_kv[0], k, mask.first_slot)
-            values = write_new(cache_kv[1], v, mask.first_slot)
-        if cache_kv is not None and t == 1:
-            out = attn_lib.decode_attention(q, keys, values, mask, self.scale, self.softcap)
+        if isinstance(cache_kv, LayerBlocks):  # the decode engine's step (its new keys written after the layers)
+            out = attn_lib.engine_decode_attention(q, k, v, cache_kv, mask, options.ragged_decode(),
+                                                   scale=self.scale, softcap=self.softcap)
         else:
-            out = attn_lib.attend(q, keys, values, mask, options.attention, options.attention_block,
-                                  options.platform or None, options.mesh, scale=self.scale, softcap=self.softcap)
+            # The new keys written at `first_slot`; attend over every slot of the cache.
+            keys, values = (k, v) if cache_kv is None else (
+                write_new(c, new, mask.first_slot) for c, new in zip(cache_kv, (k, v)))
+            if cache_kv is not None and t == 1:
+                out = attn_lib.decode_attention(q, keys, values, mask, self.scale, self.softcap)
+            else:
+                out = attn_lib.attend(q, keys, values, mask, options.attention, options.attention_block,
+                                      options.platform or None, options.mesh, scale=self.scale, softcap=self.softcap)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, kv * g * d)
         y = _adapted(self, "o", out, constrain(out @ self.o[...].astype(dt).reshape(kv * g * d, e)), constrain)
         y = y.reshape(b, t, e)
@@ -244,14 +246,14 @@ def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.
 
 def _run_layers_grouped(one_layer, params, num_layers: int, per_layer, x: Array, mask: attn_lib.Mask,
                         cache: KVCache, options: ModelOptions) -> tuple[Array, KVCache]:
-    """The layers over the decode engine's grouped buffer (its `Blocks`): each layer reads its view
-    of the buffer (not carried by the loop) and returns its new keys/values, written into the
-    buffer once after the loop. (Carried and written per layer, the buffer was copied whole at
-    every layer by XLA: the read of a layer's view and the in-place write could not be ordered.)"""
+    """The layers over the decode engine's grouped buffer (its `Blocks`): each layer's attention
+    reads its layer of the buffer (`LayerBlocks`; the buffer is not carried by the loop) and returns
+    its new keys/values, written into the buffer once after the loop. (Carried and written per
+    layer, the buffer was copied whole at every layer by XLA: the read of a layer's view and the
+    in-place write could not be ordered.)"""
     def body(x, xs):
         layer_params, i, extra = xs
-        take = lambda c: layer_view(c, i, x.shape[0], mask.key_mask.shape[1])  # noqa: E731
-        x, (k, v) = one_layer(x, layer_params, extra, (take(cache.k), take(cache.v)))
+        x, (k, v) = one_layer(x, layer_params, extra, LayerBlocks(cache.k, cache.v, i))
         return x, (k, v)
 
     xs = (params, jnp.arange(num_layers, dtype=jnp.int32), per_layer)
