@@ -20,10 +20,10 @@ outgrows the first (rows that all stop within 64 tokens never pay for a cache of
 The program runs in phases of static shapes, each a view of that buffer: the first wg slots of
 each group and the first s cache slots. The view starts with room for 64 response tokens and grows
 2x (to R) only when a live row needs it, so a step's attention cost follows the longest live row
-(each row's own length with ragged decode attention), not R. Then, when no rows wait and every group's live slots fit half the width, each group packs
-its live slots to the front (in place, one layer at a time) and the view narrows (down to a
-quarter, and never below `min_slots_per_device`), so the long tail of a long-tailed length
-distribution runs on a smaller batch.
+(each row's own length with ragged decode attention), not R. Then, when no rows wait and every
+group's live slots fit half the width, each group packs its live slots to the front (in place, one
+layer at a time) and the view narrows (down to a quarter, and never below `min_slots_per_device`),
+so the long tail of a long-tailed length distribution runs on a smaller batch.
 (Phases with their own cache per length or width kept every phase's cache, and gathers of the
 slots across devices kept whole copies on every device: 190 GiB per H100 at 7B, issue #14.)
 """
