@@ -140,7 +140,7 @@ def test_model_values_and_gradients_equal_the_materialised_path(options, shared)
         np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
-def _engine_decode_case(groups, window, softcap, seed=0):
+def _engine_decode_case(groups, window, seed=0):
     """The engine's decode step in its buffer: 2 layers, blocks of 6 and 13 slots, a view of 17 slots
     and 3 of each group's 4 slots; rows whose new token sits in either block (or at the second's
     first slot), left padding in the prompt slots."""
@@ -180,7 +180,7 @@ def _engine_decode_reference(q, k_new, v_new, cache, mask, softcap):
 @pytest.mark.parametrize("groups,window,softcap", [(1, None, None), (2, None, None), (1, 5, None), (2, None, 3.0)])
 @pytest.mark.parametrize("ragged,block", [(False, 128), (True, 4), (True, 128)])  # pieces of 4: 11 % 4 = 3
 def test_engine_decode_attention_reads_each_rows_own_keys(groups, window, softcap, ragged, block):
-    q, k_new, v_new, cache, mask = _engine_decode_case(groups, window, softcap)
+    q, k_new, v_new, cache, mask = _engine_decode_case(groups, window)
     want = _engine_decode_reference(q, k_new, v_new, cache, mask, softcap)
     fn = functools.partial(attn_lib.engine_decode_attention, ragged=ragged, block=block, softcap=softcap)
     got = jax.jit(fn)(q, k_new, v_new, cache, mask)
