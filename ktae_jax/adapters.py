@@ -29,6 +29,7 @@ from flax import nnx
 from ktae_jax import mesh as mesh_lib
 from ktae_jax.models import lora as lora_lib
 from ktae_jax.models.lora import LoraSpec
+from ktae_jax.models.transformer import unstack_layers
 from ktae_jax.sample import cast_floating
 from ktae_jax.step import split_policy
 
@@ -47,12 +48,16 @@ class PolicyWeights:
         self.sample_graphdef = (lora_lib.folded_graphdef(self.graphdef, self.initial, self.frozen) if lora
                                 else self.graphdef)
         self._copy = self._fold = None
+        self.unrolled = not model.options.scan_layers
 
     def reference(self, params: nnx.State) -> nnx.State:
-        """The trainable part of the frozen reference policy (see the module docstring)."""
+        """The trainable part of the frozen reference policy (see the module docstring). A copy,
+        not the same buffers: the update donates (overwrites) the policy's. With the layer stack
+        unrolled (CPU), each layer's weights are copied out once (`unstack_layers`): the reference
+        never changes, so its log-prob pass need not copy them out again at every call."""
         if self.lora is not None:
             return jax.tree.map(jnp.zeros_like, params)
-        return jax.tree.map(jnp.copy, params)  # a copy: the update donates (overwrites) the policy's buffers
+        return unstack_layers(params) if self.unrolled else jax.tree.map(jnp.copy, params)
 
     def full_state(self, params: nnx.State) -> nnx.State:
         """The policy's whole state for `sample_graphdef` (folded under LoRA), in the parameters' dtype."""

@@ -22,6 +22,7 @@ from ktae_jax.models import ModelConfig, init_random, response_logprobs, token_l
 from ktae_jax.models import attention as attn_lib
 from ktae_jax.models.config import ConfigError, ModelOptions
 from ktae_jax.models.kv_cache import LayerBlocks
+from ktae_jax.models.transformer import LayerList, unstack_layers
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -138,6 +139,22 @@ def test_model_values_and_gradients_equal_the_materialised_path(options, shared)
     assert np.count_nonzero(np.asarray(logp)) > 10  # real tokens, not all padding
     for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_ref)):
         np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_layer_lists_give_the_stacked_weights_values(scan):
+    """The frozen reference's layout (`unstack_layers`: each layer's weights as separate arrays) computes
+    what the stacked weights do, through the unrolled stack and (stacked again) the scan."""
+    graphdef, state = nnx.split(init_random(CONFIG, seed=4, options=ModelOptions(attention="xla", scan_layers=scan)))
+    unstacked = unstack_layers(state)
+    lists = [x for x in jax.tree.leaves(unstacked, is_leaf=lambda x: isinstance(x, LayerList)) if isinstance(x, LayerList)]
+    assert len(lists) == len(jax.tree.leaves(state["layers"]))  # every stacked weight, nothing else
+    assert all(len(x.arrays) == CONFIG.num_layers for x in lists)
+    loss = jax.jit(_logprob_loss(graphdef, shared=True))
+    (_, (logp, ent)), (_, (logp_split, ent_split)) = loss(state), loss(unstacked)
+    assert np.count_nonzero(np.asarray(logp)) > 10
+    np.testing.assert_allclose(logp_split, logp, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ent_split, ent, rtol=1e-6, atol=1e-6)
 
 
 def _engine_decode_case(groups, window, seed=0):

@@ -197,14 +197,54 @@ class Block(nnx.Module):
         return x + (y if self.mlp_out_norm is None else self.mlp_out_norm(y)), kv
 
 
+@jax.tree_util.register_pytree_node_class
+class LayerList:
+    """A stacked [L, ...] weight held as L separate arrays (`unstack_layers`). The unrolled stack
+    reads each layer's array as it is, where taking a layer out of a stacked array makes XLA on
+    CPU copy it at every call: worth it for weights that never change (the frozen reference)."""
+
+    def __init__(self, arrays):
+        self.arrays = tuple(arrays)
+
+    def tree_flatten(self):
+        return self.arrays, None
+
+    @classmethod
+    def tree_unflatten(cls, _, arrays):
+        return cls(arrays)
+
+
+def _is_layer_list(x) -> bool:
+    return isinstance(x, LayerList)
+
+
+def unstack_layers(state):
+    """`state` (a model's parameters) with each stacked layer weight as a `LayerList` of copies."""
+    def unstack(path, x):
+        stacked = any(getattr(key, "key", None) == "layers" for key in path)
+        return LayerList(x[i] for i in range(x.shape[0])) if stacked else x
+    return jax.tree.map_with_path(unstack, state)
+
+
+def _num_layers(params) -> int:
+    first = jax.tree.leaves(params, is_leaf=_is_layer_list)[0]
+    return len(first.arrays) if _is_layer_list(first) else first.shape[0]
+
+
 def _layer_slices(xs, num_layers: int) -> list:
     """The stacked [L, ...] leaves of `xs` as L per-layer trees, for the unrolled stack. One split
     per leaf: its gradient is one concatenation of the layers' gradients, where indexing each layer
     made XLA pad every layer's gradient to the whole stack and add them (the 28M Qwen2 of
-    bench_step: its update's gradient 1.09x faster on this CPU, benchmarks/README)."""
-    leaves, treedef = jax.tree.flatten(xs)
-    pieces = [jnp.split(leaf, num_layers) for leaf in leaves]
-    return [jax.tree.unflatten(treedef, [p[i][0] for p in pieces]) for i in range(num_layers)]
+    bench_step: its update's gradient 1.09x faster on this CPU, benchmarks/README). A `LayerList`
+    gives its arrays as they are."""
+    leaves, treedef = jax.tree.flatten(xs, is_leaf=_is_layer_list)
+    pieces = [leaf.arrays if _is_layer_list(leaf) else [p[0] for p in jnp.split(leaf, num_layers)] for leaf in leaves]
+    return [jax.tree.unflatten(treedef, [p[i] for p in pieces]) for i in range(num_layers)]
+
+
+def _stacked(xs):
+    """`xs` with every `LayerList` stacked again (for the scanned stack)."""
+    return jax.tree.map(lambda x: jnp.stack(x.arrays) if _is_layer_list(x) else x, xs, is_leaf=_is_layer_list)
 
 
 def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.Mask,
@@ -218,7 +258,9 @@ def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.
     back into the stacked [L, ...] arrays, which the loop carries (updated in place by XLA).
     """
     graphdef, params = nnx.split(layers)
-    num_layers = jax.tree.leaves(params)[0].shape[0]
+    num_layers = _num_layers(params)
+    if options.scan_layers:
+        params = _stacked(params)
     per_layer = {k: jnp.asarray(v) for k, v in (per_layer or {}).items()}
 
     def one_layer(x, layer_params, extra, cache_kv):
