@@ -150,6 +150,8 @@ def test_layer_lists_give_the_stacked_weights_values(scan):
     lists = [x for x in jax.tree.leaves(unstacked, is_leaf=lambda x: isinstance(x, LayerList)) if isinstance(x, LayerList)]
     assert len(lists) == len(jax.tree.leaves(state["layers"]))  # every stacked weight, nothing else
     assert all(len(x.arrays) == CONFIG.num_layers for x in lists)
+    pointers = lambda tree: {x.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)}  # noqa: E731
+    assert not pointers(unstacked) & pointers(state)  # a copy: the policy's update may donate its buffers
     loss = jax.jit(_logprob_loss(graphdef, shared=True))
     (_, (logp, ent)), (_, (logp_split, ent_split)) = loss(state), loss(unstacked)
     assert np.count_nonzero(np.asarray(logp)) > 10

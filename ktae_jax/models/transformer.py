@@ -219,10 +219,11 @@ def _is_layer_list(x) -> bool:
 
 
 def unstack_layers(state):
-    """`state` (a model's parameters) with each stacked layer weight as a `LayerList` of copies."""
+    """A copy of `state` (a model's parameters), each stacked layer weight as a `LayerList`. Every
+    leaf is a new buffer, so a donating update of `state` leaves the copy intact."""
     def unstack(path, x):
         stacked = any(getattr(key, "key", None) == "layers" for key in path)
-        return LayerList(x[i] for i in range(x.shape[0])) if stacked else x
+        return LayerList(x[i] for i in range(x.shape[0])) if stacked else jnp.copy(x)
     return jax.tree.map_with_path(unstack, state)
 
 
