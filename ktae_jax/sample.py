@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from ktae_jax import engine
 from ktae_jax.mesh import batch_devices, batch_sharding, constrain_batch, decode_shardings
-from ktae_jax.models.transformer import Transformer
+from ktae_jax.models.transformer import Transformer, has_layer_lists, stack_layers
 
 Array = jax.Array
 
@@ -209,9 +209,11 @@ def decode_params(params: nnx.State, mesh: Mesh | None, dtype) -> nnx.State:
     The model casts every weight to its compute dtype before use, so the sampler computes the same
     numbers from this copy as from `params`. Refresh it after every update (`RolloutCopy`).
     Parameters already in that dtype and layout (float32 compute, no FSDP split) are returned as
-    they are: a copy would only cost memory and a pass over the weights per step."""
+    they are: a copy would only cost memory and a pass over the weights per step. Weights held
+    per layer (`transformer.LayerList`, the train state on CPU) are stacked: decoding scans the
+    layer stack (`engine._scanned`)."""
     dtype = jnp.dtype(dtype)
-    if _in_decode_layout(params, mesh, dtype):
+    if not has_layer_lists(params) and _in_decode_layout(params, mesh, dtype):
         return params
     return _decode_copy(params, mesh=mesh, dtype=dtype)
 
@@ -230,7 +232,7 @@ def _in_decode_layout(params: nnx.State, mesh: Mesh | None, dtype) -> bool:
 # call compiled the copy again at every update (bench_step's 4M model at load 12: ~0.85 s of a 1.9 s step).
 @functools.partial(jax.jit, static_argnames=("mesh", "dtype"))
 def _decode_copy(params: nnx.State, *, mesh: Mesh | None, dtype) -> nnx.State:
-    out = cast_floating(params, dtype)
+    out = cast_floating(stack_layers(params), dtype)
     return out if mesh is None else jax.lax.with_sharding_constraint(out, decode_shardings(out, mesh))
 
 

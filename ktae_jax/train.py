@@ -76,7 +76,8 @@ class Trainer:
         self.graphdef, params, self.frozen = self.weights.graphdef, self.weights.initial, self.weights.frozen
         self.tx = make_optimizer(cfg.optim)
         self.ktae = cfg.to_ktae(dict.fromkeys((*self.stop_ids, self.pad_id)))  # None: KTAE off
-        self.state = self._initial_state(params)
+        # Held per layer on CPU, stacked in checkpoints (`PolicyWeights.held` / `stored`).
+        self.state = self.weights.held(self._initial_state(params))
         # The frozen reference (`adapters.PolicyWeights.reference`): a copy, or LoRA's base itself.
         self.ref_params = self.weights.reference(params) if cfg.algo.kl_coef else None
 
@@ -224,15 +225,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints, export, validation
     def save(self, step: int) -> None:
-        self.checkpointer.save(step, self.state, self.data.get_state(), self.cfg.to_dict())
+        self.checkpointer.save(step, self.weights.stored(self.state), self.data.get_state(), self.cfg.to_dict())
 
     def restore_latest(self) -> int:
         """The newest readable checkpoint's step (0: none); damaged newer ones are reported and skipped."""
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+        abstract = self.weights.stored_abstract(self.state)
         found = self.checkpointer.restore_latest(abstract, warn=print if self.is_main else lambda _: None)
         if found is None:
             return 0
-        step, self.state, self._resumed_data, self.resumed_config = found
+        step, stored, self._resumed_data, self.resumed_config = found
+        self.state = self.weights.held(stored)
         saved_prompts = self.resumed_config.get("rollout", {}).get("prompts_per_step")
         self.data.set_state(self._resumed_data, saved_batch_prompts=saved_prompts)
         return step
@@ -240,7 +242,7 @@ class Trainer:
     def export(self) -> pathlib.Path:
         """The policy in Hugging Face format at run_dir/hf (LoRA: the adapters folded in, and the
         adapters alone in PEFT's layout at run_dir/hf_adapter): gathered by every process, written by process 0."""
-        return self.weights.export(self.state.params, self.tokenizer, self.run_dir / "hf",
+        return self.weights.export(self.weights.stored(self.state.params), self.tokenizer, self.run_dir / "hf",
                                    base_model=self.cfg.model.path, write=self.is_main)[0]
 
     def close(self) -> None:
@@ -256,7 +258,7 @@ class Trainer:
 
         cfg = self.cfg
         rows = read_rows(cfg.run.eval_file, cfg.data.prompt_field, cfg.data.answer_field)
-        summary = evaluate((self.weights.sample_graphdef, self.weights.full_state(self.state.params)), self.tokenizer, {"val": rows},
+        summary = evaluate((self.weights.sample_graphdef, self.weights.full_state(self.weights.stored(self.state.params))), self.tokenizer, {"val": rows},
                            out_dir=self.run_dir / "eval" / f"step_{step:06d}", protocol=Protocol.of_run(cfg),
                            batch_prompts=cfg.rollout.prompts_per_step, mesh=self.mesh, pool=self.pool,
                            limit=cfg.run.eval_limit or None, stop_ids=self.stop_ids, progress=False)

@@ -18,6 +18,7 @@ from _xla import xla_flags
 
 from ktae_jax.metrics import StageTimer
 from ktae_jax.models import load_pretrained
+from ktae_jax.models.transformer import LayerList, has_layer_lists, is_stacked_path
 from ktae_jax.rollouts import Rollouts
 from ktae_jax.train import Trainer, TrainingError, run
 
@@ -132,6 +133,50 @@ def test_one_device_and_eight_devices_agree(workspace, tmp_path, capfd, monkeypa
     for key in ("loss/total", "loss/pg", "loss/kl", "optim/grad_norm"):
         assert m1[key] == pytest.approx(m8[key], rel=1e-4, abs=1e-6), key
     assert_same_updates(p0, p1, p8)
+
+
+def test_state_held_per_layer_on_cpu_is_checkpointed_stacked(workspace, tmp_path):
+    """On CPU (unrolled layer stack) the train state holds each layer's weights and moments as separate
+    arrays, split by FSDP like the stacked ones; checkpoints keep the stacked layout: one written by a
+    scanning trainer (stacked state) restores into it with the same values, and back."""
+    checkpoint, data = workspace
+    eight = {"mesh.data": 4, "mesh.fsdp": 2, "run.checkpoint_every": 1}
+    scanning = Trainer(tiny_config(checkpoint, data, tmp_path / "run", **eight, **{"model.scan_layers": True}))
+    try:
+        assert not has_layer_lists(scanning.state)
+        scanning.step(1)  # moments not zero
+        scanning.save(1)
+        scanning.checkpointer.wait()
+        stacked = [(path, np.asarray(x), x.sharding, x.addressable_shards[0].data.nbytes)
+                   for path, x in jax.tree.leaves_with_path(scanning.state)]
+    finally:
+        scanning.close()
+    unrolled = Trainer(tiny_config(checkpoint, data, tmp_path / "run", **eight))
+    try:
+        assert unrolled.restore_latest() == 1
+        held = jax.tree.leaves_with_path(unrolled.state, is_leaf=lambda x: isinstance(x, LayerList))
+        assert len(held) == len(stacked)
+        layer_leaves = 0
+        for (path, want, sharding, shard_bytes), (held_path, x) in zip(stacked, held, strict=True):
+            assert path == held_path
+            if not isinstance(x, LayerList):
+                np.testing.assert_array_equal(np.asarray(x), want)
+                continue
+            layer_leaves += 1
+            assert is_stacked_path(path) and len(x.arrays) == want.shape[0]
+            np.testing.assert_array_equal(np.stack([np.asarray(a) for a in x.arrays]), want)
+            for a in x.arrays:  # split over the mesh as the stacked leaf is, less its layer axis
+                assert a.sharding.spec == jax.sharding.PartitionSpec(*sharding.spec[1:])
+                assert a.addressable_shards[0].data.nbytes * want.shape[0] == shard_bytes
+        # parameters and both Adam moments of every stacked weight
+        assert layer_leaves == 3 * len(jax.tree.leaves(unrolled.weights.initial["layers"]))
+        assert any("fsdp" in str(sharding.spec) for _, _, sharding, _ in stacked)  # FSDP split something
+        back = unrolled.weights.stored(unrolled.state)
+        for (path, want, sharding, _), x in zip(stacked, jax.tree.leaves(back), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), want)
+            assert x.sharding.is_equivalent_to(sharding, want.ndim), path
+    finally:
+        unrolled.close()
 
 
 def _fake_rollouts(rewards, G, R=3):

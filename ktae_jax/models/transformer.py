@@ -201,7 +201,9 @@ class Block(nnx.Module):
 class LayerList:
     """A stacked [L, ...] weight held as L separate arrays (`unstack_layers`). The unrolled stack
     reads each layer's array as it is, where taking a layer out of a stacked array makes XLA on
-    CPU copy it at every call: worth it for weights that never change (the frozen reference)."""
+    CPU copy it at every call (and the gradient of the stack is a concatenation of the layers'):
+    the frozen reference and, on CPU, the train state are held this way (`adapters.PolicyWeights`).
+    The scanned stack stacks it again (`stack_layers`)."""
 
     def __init__(self, arrays):
         self.arrays = tuple(arrays)
@@ -218,13 +220,28 @@ def _is_layer_list(x) -> bool:
     return isinstance(x, LayerList)
 
 
+def has_layer_lists(tree) -> bool:
+    return any(map(_is_layer_list, jax.tree.leaves(tree, is_leaf=_is_layer_list)))
+
+
+def is_stacked_path(path) -> bool:
+    """Whether a leaf at `path` (of parameters, or of optimizer moments laid out like them) is a
+    stacked [L, ...] layer weight: it lies under the model's `layers`."""
+    return any(getattr(key, "key", None) == "layers" for key in path)
+
+
 def unstack_layers(state):
-    """A copy of `state` (a model's parameters), each stacked layer weight as a `LayerList`. Every
-    leaf is a new buffer, so a donating update of `state` leaves the copy intact."""
+    """A copy of `state` (a model's parameters, or a tree holding them, such as a train state),
+    each stacked layer weight as a `LayerList`. Every leaf is a new buffer, so a donating update of
+    `state` leaves the copy intact."""
     def unstack(path, x):
-        stacked = any(getattr(key, "key", None) == "layers" for key in path)
-        return LayerList(x[i] for i in range(x.shape[0])) if stacked else jnp.copy(x)
+        return LayerList(x[i] for i in range(x.shape[0])) if is_stacked_path(path) else jnp.copy(x)
     return jax.tree.map_with_path(unstack, state)
+
+
+def stack_layers(state):
+    """The inverse of `unstack_layers`: every `LayerList` stacked again into one [L, ...] array."""
+    return jax.tree.map(lambda x: jnp.stack(x.arrays) if _is_layer_list(x) else x, state, is_leaf=_is_layer_list)
 
 
 def _num_layers(params) -> int:
@@ -243,11 +260,6 @@ def _layer_slices(xs, num_layers: int) -> list:
     return [jax.tree.unflatten(treedef, [p[i] for p in pieces]) for i in range(num_layers)]
 
 
-def _stacked(xs):
-    """`xs` with every `LayerList` stacked again (for the scanned stack)."""
-    return jax.tree.map(lambda x: jnp.stack(x.arrays) if _is_layer_list(x) else x, xs, is_leaf=_is_layer_list)
-
-
 def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.Mask,
                 cache: KVCache | None, options: ModelOptions, constrain: Constrain,
                 per_layer: dict[str, np.ndarray] | None = None) -> tuple[Array, KVCache | None]:
@@ -261,7 +273,7 @@ def _run_layers(layers: Block, x: Array, cos: Array, sin: Array, mask: attn_lib.
     graphdef, params = nnx.split(layers)
     num_layers = _num_layers(params)
     if options.scan_layers:
-        params = _stacked(params)
+        params = stack_layers(params)
     per_layer = {k: jnp.asarray(v) for k, v in (per_layer or {}).items()}
 
     def one_layer(x, layer_params, extra, cache_kv):
