@@ -36,6 +36,14 @@ from ktae_jax.sample import cast_floating
 from ktae_jax.step import split_policy
 
 
+def _respec(sharding, change):
+    """`sharding` with its partition spec changed by `change` (a tuple -> a tuple); a sharding without
+    a spec (one device) as it is."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*change(tuple(sharding.spec))))
+
+
 class PolicyWeights:
     """`model`'s graph split into trainable and frozen parameters; with `lora`, adapters are
     added first (on `mesh`, from `seed`). `frozen` is held here; the trainable part is the train
@@ -76,10 +84,7 @@ class PolicyWeights:
         def sharding(path, x):
             if not is_stacked_path(path):
                 return x.sharding
-            s = x.sharding
-            one = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*s.spec[1:])) if isinstance(
-                s, jax.sharding.NamedSharding) else s
-            return LayerList([one] * x.shape[0])
+            return LayerList([_respec(x.sharding, lambda spec: spec[1:])] * x.shape[0])
         return jax.jit(unstack_layers, out_shardings=jax.tree.map_with_path(sharding, state))(state)
 
     def stored(self, state: Any) -> Any:
@@ -98,9 +103,7 @@ class PolicyWeights:
         def sharding(x):
             if not isinstance(x, LayerList):
                 return x.sharding
-            s = x.arrays[0].sharding
-            return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec)) if isinstance(
-                s, jax.sharding.NamedSharding) else s
+            return _respec(x.arrays[0].sharding, lambda spec: (None, *spec))
         return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, LayerList))
 
     def stored_abstract(self, state: Any) -> Any:

@@ -22,7 +22,8 @@ from ktae_jax.models import ModelConfig, init_random, response_logprobs, token_l
 from ktae_jax.models import attention as attn_lib
 from ktae_jax.models.config import ConfigError, ModelOptions
 from ktae_jax.models.kv_cache import LayerBlocks
-from ktae_jax.models.transformer import LayerList, unstack_layers
+from ktae_jax.models.transformer import LayerList, stack_layers, unstack_layers
+from ktae_jax.sample import decode_params
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -152,6 +153,12 @@ def test_layer_lists_give_the_stacked_weights_values(scan):
     assert all(len(x.arrays) == CONFIG.num_layers for x in lists)
     pointers = lambda tree: {x.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)}  # noqa: E731
     assert not pointers(unstacked) & pointers(state)  # a copy: the policy's update may donate its buffers
+    restacked = stack_layers(unstacked)  # checkpoints' and the sampler's layout (decode_params)
+    assert jax.tree.structure(restacked) == jax.tree.structure(state)
+    for x, y in zip(jax.tree.leaves(restacked), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(decode_params(unstacked, None, jnp.float32)), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(x, y)
     loss = jax.jit(_logprob_loss(graphdef, shared=True))
     (_, (logp, ent)), (_, (logp_split, ent_split)) = loss(state), loss(unstacked)
     assert np.count_nonzero(np.asarray(logp)) > 10
