@@ -58,8 +58,8 @@ class PolicyWeights:
         self.sample_graphdef = (lora_lib.folded_graphdef(self.graphdef, self.initial, self.frozen) if lora
                                 else self.graphdef)
         self._copy = self._fold = None
-        self.unrolled = not model.options.scan_layers
-        self.per_layer = self.unrolled and lora is None  # the train state's layout (`held`)
+        # Full fine-tuning on the unrolled layer stack (CPU): the train state and the reference per layer.
+        self.per_layer = not model.options.scan_layers and lora is None
         self._stack: dict[Any, Any] = {}  # jitted `stored`, per tree structure
 
     def reference(self, params: nnx.State) -> nnx.State:
@@ -69,7 +69,7 @@ class PolicyWeights:
         never changes, so its log-prob pass need not copy them out again at every call."""
         if self.lora is not None:
             return jax.tree.map(jnp.zeros_like, params)
-        return unstack_layers(params) if self.unrolled else jax.tree.map(jnp.copy, params)
+        return unstack_layers(params) if self.per_layer else jax.tree.map(jnp.copy, params)
 
     def held(self, state: Any) -> Any:
         """`state` (the train state, or any tree with the trainable parameters' layout) as checkpoints
